@@ -1,0 +1,32 @@
+# make demo: set up the environment and run the main job on the bundled small model (CPU).
+# make test: set up the environment and run the whole test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# One Inductor cache for every compiled test: a cold CPU compile costs ~20 s.
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+
+.PHONY: setup demo test test-gpu clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch that lies on this kind of machine's disk, and the Triton that matches it.
+	$(PY) -m pip install -q torch==2.13.0 triton==3.7.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m stq_compiler.demo
+
+test: setup
+	$(PY) -m pytest -q -m "not cuda"
+
+# On a machine with a CUDA GPU (its own torch): the Triton kernels against the reference ops.
+test-gpu:
+	python3 -m pytest -q -m cuda tests/codegen
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis

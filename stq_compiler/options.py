@@ -1,0 +1,99 @@
+"""The options a user passes as ``torch.compile(model, backend="starquant", options={...})``.
+
+Unknown keys and unsupported values are refused with a message naming them: a typo must never
+compile a silently different model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+BITS_CHOICES = (4, 8, 16)
+TOKEN_STATE_CHOICES = ("auto", "required", "off")
+
+DEBUG_DIR_ENV = "STQ_DEBUG_DIR"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Validated backend options.
+
+    * ``w_bits`` / ``a_bits``: weight and activation bits, 4 or 8; 16 means not quantized. Both
+      16 turns quantization off; one quantized and the other 16 is refused (no weight-only or
+      activation-only path yet).
+    * ``recipe``: a calibrated ``Recipe`` or its path (STaR-Quant / baselines). Without one, every
+      eligible linear gets round-to-nearest (RTN) quantization.
+    * ``mask_token_id``: the ``[MASK]`` id that defines the token state ``is_masked``.
+    * ``token_state``: ``"auto"`` inserts the state when a mask id and an ``input_ids`` input are
+      there; ``"required"`` refuses a graph without them; ``"off"`` never inserts it.
+    * ``quantize_head``: also quantize the LM head (off by default, as in the paper).
+    * ``debug_dir``: write the readable graph after each pass here (or set ``STQ_DEBUG_DIR``).
+    * ``inductor``: hand the rewritten graph to Inductor (default); ``False`` runs it as FX code.
+    * ``inductor_config``: extra Inductor config patches.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    recipe: Any = None
+    mask_token_id: Optional[int] = None
+    token_state: str = "auto"
+    quantize_head: bool = False
+    debug_dir: Optional[str] = None
+    inductor: bool = True
+    inductor_config: dict = field(default_factory=dict)
+
+    @property
+    def quantize(self) -> bool:
+        return self.w_bits < 16
+
+    @classmethod
+    def from_dict(cls, options: Optional[dict]) -> "BackendOptions":
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"starquant: unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"known options are {', '.join(sorted(known))}"
+            )
+        if options.get("debug_dir") is None and os.environ.get(DEBUG_DIR_ENV):
+            options["debug_dir"] = os.environ[DEBUG_DIR_ENV]
+        opts = cls(**options)
+        opts._validate()
+        return opts
+
+    def _validate(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in BITS_CHOICES:
+                raise ValueError(
+                    f"starquant: option {name}={value!r} is not a supported bit width; "
+                    f"choose one of {BITS_CHOICES} (16 = not quantized)"
+                )
+        if (self.w_bits == 16) != (self.a_bits == 16):
+            raise ValueError(
+                f"starquant: w_bits={self.w_bits} with a_bits={self.a_bits} is not supported; "
+                "quantize both (4 or 8 bits each) or neither (16/16)"
+            )
+        if self.token_state not in TOKEN_STATE_CHOICES:
+            raise ValueError(
+                f"starquant: option token_state={self.token_state!r}; choose one of {TOKEN_STATE_CHOICES}"
+            )
+        if self.mask_token_id is not None and (
+            isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, int) or self.mask_token_id < 0
+        ):
+            raise ValueError(f"starquant: mask_token_id must be a non-negative int, got {self.mask_token_id!r}")
+        if self.token_state == "required" and self.mask_token_id is None:
+            raise ValueError(
+                "starquant: token_state='required' needs the mask token id: pass options['mask_token_id'] "
+                "(LLaDA 126336, Dream 151666)"
+            )
+        if self.recipe is not None:
+            raise NotImplementedError(
+                "starquant: calibrated recipes are not supported yet (they arrive with "
+                "stq_compiler.calibrate); leave 'recipe' unset for round-to-nearest quantization"
+            )
+        if not isinstance(self.inductor_config, dict):
+            raise ValueError("starquant: option inductor_config must be a dict of Inductor config patches")
