@@ -1,5 +1,16 @@
 """stq_compiler: a torch.compile backend running diffusion LLMs at 4-bit weights and activations."""
 
-from stq_compiler import ops  # registers the stq:: custom ops
+from stq_compiler import ops  # noqa: F401  (registers the stq:: custom ops)
+from stq_compiler.backend import StarQuant, starquant
 
 __version__ = "0.1.0"
+__all__ = ["StarQuant", "starquant", "generate"]
+
+
+def __getattr__(name):
+    # The sampler pulls in the model code; load it when asked for.
+    if name == "generate":
+        from stq_compiler.sampling import generate
+
+        return generate
+    raise AttributeError(f"module 'stq_compiler' has no attribute {name!r}")

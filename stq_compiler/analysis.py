@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from stq_compiler.capture import TensorBinding, bind_tensors, find_token_state_source
+from stq_compiler.capture import EMBEDDING_TARGETS, TensorBinding, bind_tensors, find_token_state_source
 
 LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
 MATMUL_TARGETS = {operator.matmul, torch.matmul}
@@ -216,14 +216,28 @@ def _derives_from(node, targets: set, depth: int = 4) -> bool:
     return node in targets
 
 
-def _assign_roles(linears: list[Linear], sites: list[Site]) -> None:
+def _is_head(lin: Linear, vocab_rows: Optional[int], barrier) -> bool:
+    """The LM head: reaches the output with no linear or attention on the way, and maps to the
+    embedding's vocabulary (or, in a graph without the embedding, e.g. after a graph break, feeds
+    the output through view-like ops only)."""
+    if not _reaches(lin.node, lambda n: n.op == "output", barrier):
+        return False
+    if vocab_rows is not None:
+        return lin.out_features == vocab_rows
+    node = lin.node
+    while len(node.users) == 1 and is_view_like(next(iter(node.users))):
+        node = next(iter(node.users))
+    return any(user.op == "output" for user in node.users)
+
+
+def _assign_roles(linears: list[Linear], sites: list[Site], vocab_rows: Optional[int]) -> None:
     linear_nodes = {l.node for l in linears}
     barrier = lambda n: n in linear_nodes or _is_sdpa(n)  # noqa: E731
     for lin in linears:
         source = _through_views_back(lin.input)
         if _reaches(lin.node, _is_sdpa, barrier):
             lin.role = "qkv"
-        elif _reaches(lin.node, lambda n: n.op == "output", barrier):
+        elif _is_head(lin, vocab_rows, barrier):
             lin.role = "head"
         elif _is_sdpa(source) or (source.target is operator.getitem and _is_sdpa(source.args[0])):
             lin.role = "o"
@@ -249,6 +263,15 @@ def _assign_roles(linears: list[Linear], sites: list[Site]) -> None:
                 lin.role = "gate_up"
 
 
+def _embedding_rows(gm: fx.GraphModule, bindings) -> Optional[int]:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in EMBEDDING_TARGETS:
+            weight = node.args[0] if node.target is torch.embedding else node.args[1]
+            if weight in bindings:
+                return bindings[weight].tensor.shape[0]
+    return None
+
+
 def analyze(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
     """Find linears, sites, attention cores and the token-state source of ``gm``."""
     bindings = bind_tensors(gm, example_inputs)
@@ -257,7 +280,7 @@ def analyze(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
     for lin in linears:
         by_input.setdefault(lin.input, []).append(lin)
     sites = [Site(inp, lins) for inp, lins in by_input.items()]
-    _assign_roles(linears, sites)
+    _assign_roles(linears, sites, _embedding_rows(gm, bindings))
 
     attention = []
     for node in gm.graph.nodes:

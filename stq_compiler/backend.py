@@ -5,6 +5,9 @@ the ``torch_dynamo_backends`` entry point (no import needed). Dynamo calls it on
 graph (each side of a graph break is its own graph): the passes rewrite it
 (``stq_compiler.pipeline``) and Inductor compiles the result.
 
+``StarQuant(**options)`` is the same backend as an object that keeps each graph's pass reports,
+for whoever wants to see what the passes did: ``torch.compile(model, backend=StarQuant(...))``.
+
 Quantized graphs are for inference: they are compiled and run without autograd.
 """
 
@@ -17,23 +20,22 @@ import torch
 import torch.fx as fx
 
 from stq_compiler.options import BackendOptions
-from stq_compiler.pipeline import run_passes
+from stq_compiler.pipeline import PipelineResult, run_passes
 
 
-def starquant(gm: fx.GraphModule, example_inputs: list, mode: Optional[str] = None, options: Optional[dict] = None):
-    """Dynamo backend: rewrite ``gm`` with the STaR-Quant passes, then compile it with Inductor."""
-    opts = BackendOptions.from_dict(options)
+def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mode: Optional[str], results: Optional[list]):
     with torch.no_grad():
         result = run_passes(gm, example_inputs, opts)
-        gm = result.gm
+        if results is not None:
+            results.append(result)
         if opts.inductor:
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
             patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_config}
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            compiled = compile_fx(result.gm, example_inputs, config_patches=patches)
         else:
-            compiled = gm.forward
+            compiled = result.gm.forward
     if not opts.quantize:
         return compiled
 
@@ -43,3 +45,20 @@ def starquant(gm: fx.GraphModule, example_inputs: list, mode: Optional[str] = No
             return compiled(*args)
 
     return run_without_autograd
+
+
+def starquant(gm: fx.GraphModule, example_inputs: list, mode: Optional[str] = None, options: Optional[dict] = None):
+    """Dynamo backend: rewrite ``gm`` with the STaR-Quant passes, then compile it with Inductor."""
+    return _compile(gm, example_inputs, BackendOptions.from_dict(options), mode, None)
+
+
+class StarQuant:
+    """The starquant backend as an object; ``results`` holds one ``PipelineResult`` per graph."""
+
+    def __init__(self, mode: Optional[str] = None, **options):
+        self.options = BackendOptions.from_dict(options)
+        self.mode = mode
+        self.results: list[PipelineResult] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list):
+        return _compile(gm, example_inputs, self.options, self.mode, self.results)

@@ -40,9 +40,26 @@ class TensorBinding:
 def _source_name(node: fx.Node) -> Optional[str]:
     grapharg = node.meta.get("grapharg")
     if grapharg is None or getattr(grapharg, "source", None) is None:
-        return None
+        return node.meta.get(SOURCE_META_KEY)
     name = grapharg.source.name
     return name() if callable(name) else name
+
+
+SOURCE_META_KEY = "stq_source"
+
+
+def keep_sources(gm: fx.GraphModule) -> fx.GraphModule:
+    """Copy each placeholder's Dynamo source name into its own meta key.
+
+    Dynamo drops the ``grapharg`` metadata once the backend returns; a graph kept for later
+    analysis (tests, inspection) needs this called inside the backend call.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and SOURCE_META_KEY not in node.meta:
+            name = _source_name(node)
+            if name is not None:
+                node.meta[SOURCE_META_KEY] = name
+    return gm
 
 
 def fqn_from_source(source: str) -> Optional[str]:

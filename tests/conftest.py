@@ -1,0 +1,54 @@
+import os
+from pathlib import Path
+
+# One Inductor cache for the whole suite (a cold CPU compile costs ~20 s); make sets it too.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ARCHS = ("llada", "dream", "llama", "qwen2")
+
+
+class GraphRecorder:
+    """A Dynamo backend that keeps each captured graph and its example inputs, and runs it as is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        from stq_compiler.capture import keep_sources
+
+        self.graphs.append((keep_sources(gm), list(example_inputs)))
+        return gm.forward
+
+
+def capture_graphs(model, *args):
+    torch._dynamo.reset()
+    recorder = GraphRecorder()
+    with torch.no_grad():
+        torch.compile(model, backend=recorder)(*args)
+    return recorder.graphs
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_model(arch, seed=0, **overrides):
+    from stq_compiler.models import build_tiny
+
+    torch.manual_seed(seed)
+    return build_tiny(arch, **overrides).eval()
+
+
+def sqnr_db(ref, test):
+    ref, test = ref.double(), test.double()
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - test).pow(2).sum())).item()
+
+
+def logits_of(output):
+    return output if isinstance(output, torch.Tensor) else output.logits
