@@ -11,7 +11,7 @@ Integer conventions, shared by the reference and the kernels:
   1.0 for an all-zero token), ``zero = qmin - floor(lo / scale + 0.5)``,
   ``q = clamp(floor(x / scale + 0.5) + zero, qmin, qmax)`` with ``qmin = -2**(b-1)``,
   ``qmax = 2**(b-1) - 1``. So ``x ≈ scale * (q - zero)``. Division is IEEE float32.
-  Optional per-state gates multiply ``x`` by ``gate_masked`` or ``gate_unmasked`` (one value per
+  NaN inputs give unspecified codes. Optional per-state gates multiply ``x`` by ``gate_masked`` or ``gate_unmasked`` (one value per
   column) before quantization, chosen per token by ``is_masked``.
 * Weights, per output channel, symmetric, ``b`` bits: ``scale = max|w| / (2**(b-1) - 1)``,
   ``q = clamp(floor(w / scale + 0.5), -(2**(b-1) - 1), 2**(b-1) - 1)``, quantized once at compile
@@ -100,7 +100,8 @@ def quantize_per_token_reference(
         xf = xf * gate
     lo = torch.clamp(xf.amin(dim=-1, keepdim=True), max=0.0)
     hi = torch.clamp(xf.amax(dim=-1, keepdim=True), min=0.0)
-    scale = (hi - lo) / float((1 << bits) - 1)
+    # Divide by a tensor: CUDA turns division by a Python float into a reciprocal multiply.
+    scale = (hi - lo) / torch.full_like(hi, float((1 << bits) - 1))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = qmin - _round_half_up(lo / scale)
     q = torch.clamp(_round_half_up(xf / scale) + zero, qmin, qmax)
@@ -116,8 +117,8 @@ def _check_quantize_args(x, bits, is_masked, gate_masked, gate_unmasked) -> None
     if (gate_masked is None) != (gate_unmasked is None):
         raise ValueError("stq.quantize_per_token takes both state gates or neither")
     if gate_masked is not None:
-        if is_masked is None:
-            raise ValueError("stq.quantize_per_token: state gates need the token state is_masked")
+        if is_masked is None or is_masked.dtype != torch.bool:
+            raise ValueError("stq.quantize_per_token: state gates need the token state is_masked (a bool tensor)")
         k = x.shape[-1]
         if gate_masked.shape != (k,) or gate_unmasked.shape != (k,):
             raise ValueError(
@@ -173,11 +174,12 @@ def quantized_linear_reference(
     lead = xq.shape[:-1]
     k = xq.shape[-1]
     x2 = xq.reshape(-1, k)
-    if x2.device.type == "cpu" or x2.shape[0] > 16:
+    if x2.device.type == "cpu":
         acc = torch._int_mm(x2, wq.t())
     else:
-        # torch._int_mm on CUDA wants more than 16 rows; int64 matmul is exact too.
-        acc = (x2.long() @ wq.long().t()).to(torch.int32)
+        # CUDA's _int_mm wants M > 16 and K, N multiples of 8, and has no int64 matmul; float64
+        # products and sums of int8 codes are exact (|acc| < 2**53).
+        acc = (x2.double() @ wq.double().t()).to(torch.int32)
     acc = acc - x_zero.reshape(-1, 1) * w_sum.reshape(1, -1)
     y = acc.float() * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
     if bias is not None:
@@ -225,3 +227,12 @@ def quantized_linear(
 def _(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, out_dtype):
     _check_linear_args(xq, x_scale, x_zero, wq, w_scale, w_sum, bias)
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+# On CUDA the ops dispatch to Triton kernels; without Triton they stay on the reference.
+try:
+    from stq_compiler.codegen.triton_rtn import register_cuda_kernels
+except ImportError:  # pragma: no cover - a torch build without triton
+    pass
+else:
+    register_cuda_kernels()

@@ -12,7 +12,7 @@ implementations in ``stq_compiler.ops`` bit for bit:
 
 Both kernels are compiled with ``enable_fp_fusion=False`` so that no multiply is contracted with
 a following add into an FMA (that would round once instead of twice and could differ from the
-reference in the last bit). It costs nothing measurable: the float work is in the epilogue.
+reference in the last bit). The only float work of the GEMM is its epilogue, so this is cheap.
 
 Under ``TRITON_INTERPRET=1`` (read when this module is imported) the kernels run on CPU tensors
 with one large-block configuration and no autotuning, which is how they are tested without a GPU.
@@ -76,12 +76,16 @@ def _quantize_per_token_kernel(
         masked = row_ok  # unused
 
     # Pass 1: lo = min(min(x), 0), hi = max(max(x), 0). Padding loads as 0, which cannot move them.
-    lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-    hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Element-wise running min/max and one reduction after the loop (a reduction inside the loop
+    # also crashes Triton's OptimizeThreadLocality pass for float32 [1, BLOCK_K] tiles).
+    lo_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    hi_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _load_gated_rows(x_ptr, x_rows, row_ok, masked, gate_m_ptr, gate_u_ptr, k0 + cols0, K, HAS_GATE)
-        lo = tl.minimum(lo, tl.min(x, axis=1))
-        hi = tl.maximum(hi, tl.max(x, axis=1))
+        lo_tile = tl.minimum(lo_tile, x)
+        hi_tile = tl.maximum(hi_tile, x)
+    lo = tl.min(lo_tile, axis=1)
+    hi = tl.max(hi_tile, axis=1)
 
     # div_rn wants operands of one shape: broadcast the constants explicitly.
     scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
@@ -242,18 +246,33 @@ _GPU_GEMM_CONFIGS = [
     _gemm_config(256, 128, 128, 8, 3),
     _gemm_config(128, 128, 128, 8, 4),
     _gemm_config(128, 128, 64, 4, 4),
+    _gemm_config(64, 256, 128, 8, 3),
     _gemm_config(64, 128, 128, 4, 4),
-    _gemm_config(64, 64, 256, 4, 4),
-    _gemm_config(16, 64, 256, 4, 4),  # a few tokens (M <= 16)
+    # a few tokens (decoding-like M): narrow row tiles, deep K steps
+    _gemm_config(16, 64, 256, 4, 4),
+    _gemm_config(16, 128, 128, 4, 4),
+    _gemm_config(32, 64, 256, 4, 4),
     _gemm_config(32, 128, 128, 4, 4),
 ]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Tune only row tiles that fit M: up to the next power of two for few tokens, >= 64 for many."""
+    m = named_args["M"]
+    if m > 64:
+        return [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    cap = max(16, triton.next_power_of_2(m))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+
 
 if INTERPRET:
     _quantized_linear_kernel = _EVEN_K(_quantized_linear_kernel_body)
 else:
-    _quantized_linear_kernel = triton.autotune(configs=_GPU_GEMM_CONFIGS, key=["M", "N", "K"])(
-        _EVEN_K(_quantized_linear_kernel_body)
-    )
+    _quantized_linear_kernel = triton.autotune(
+        configs=_GPU_GEMM_CONFIGS,
+        key=["M", "N", "K"],
+        prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    )(_EVEN_K(_quantized_linear_kernel_body))
 
 
 def quantized_linear_triton(
