@@ -7,14 +7,17 @@ token i+1, so the sampler reads position i's prediction from output i-1). The ch
 names are Qwen2's, so we run it as transformers' `Qwen2ForCausalLM`, made bidirectional.
 
 How attention becomes bidirectional in transformers 5.x (checked on 5.17 and 5.24):
-* `config.is_causal = False` makes the decoder call `create_bidirectional_mask` instead of
-  `create_causal_mask`: with no padding it returns None (eager) and SDPA runs without a mask;
-  a 2-D padding mask becomes a key-padding mask (no causal triangle).
-* every attention module gets `is_causal = False`, which the SDPA integration passes to
-  `F.scaled_dot_product_attention` when the mask is None (it would otherwise pass True).
-Both are needed: the first alone leaves `is_causal=True` in SDPA, the second alone leaves a causal
-mask tensor whenever one is materialized. Under torch.compile transformers 5.17 materializes an
-all-True boolean mask (still bidirectional, but SDPA then gets an `attn_mask`); 5.24 keeps None.
+* `config.is_causal = False` is the switch. The decoder's forward decorator
+  (`merge_with_config_defaults`) forwards it as an `is_causal=False` kwarg to every attention call,
+  which the SDPA integration passes to `F.scaled_dot_product_attention`, and the mask builder then
+  calls `create_bidirectional_mask`: None without padding, a key-padding mask (no causal triangle)
+  when a 2-D attention_mask with zeros is given.
+* every attention module's own `is_causal` flag is set False too, for attention code reached
+  without that decorator (the SDPA integration falls back to the flag).
+Setting only the module flags is not enough: a padding mask would still come back causal.
+Under torch.compile, 5.24 keeps `attn_mask=None` (and uses `enable_gqa`); 5.17 materializes an
+all-True boolean [B, 1, L, L] mask (still full attention, but SDPA gets an `attn_mask`) and repeats
+k/v heads instead of `enable_gqa`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 DREAM_MASK_TOKEN_ID = 151666
 
@@ -30,7 +33,7 @@ DREAM_MASK_TOKEN_ID = 151666
 def make_bidirectional(model: nn.Module) -> nn.Module:
     """Turn a transformers decoder (Llama, Qwen2, ...) into a full-attention mask predictor, in place.
 
-    Sets `is_causal = False` on the config (and sub-configs) and on every module that carries an
+    Sets `is_causal = False` on the model's config and on every module that carries an
     `is_causal` flag (the attention layers), and turns the KV cache off (a cache of bidirectional
     keys is stale as soon as any token changes). Returns the model.
     """
@@ -48,8 +51,9 @@ def make_bidirectional(model: nn.Module) -> nn.Module:
 
 
 def dream_7b_config() -> Qwen2Config:
-    """Dream-v0-Base-7B / Dream-v0-Instruct-7B (Qwen2.5-7B dimensions, Dream-org config.json)."""
-    return _dream_config(
+    """Dream-v0-{Base,Instruct}-7B: Qwen2.5-7B's shapes (which Dream keeps: it is initialized from
+    Qwen2.5-7B), Dream's [MASK] 151666 and pad/eos 151643, no sliding window."""
+    return dream_config(
         vocab_size=152064,
         hidden_size=3584,
         intermediate_size=18944,
@@ -88,12 +92,16 @@ def tiny_dream_config(**overrides: Any) -> Qwen2Config:
         mask_token_id=255,
     )
     fields.update(overrides)
-    return _dream_config(**fields)
+    return dream_config(**fields)
 
 
-def _dream_config(**fields: Any) -> Qwen2Config:
+def dream_config(**fields: Any) -> Qwen2Config:
+    """A Dream config from Qwen2Config keyword arguments (plus mask_token_id, shift_logits):
+    SDPA attention, bidirectional, no KV cache."""
     mask_token_id = fields.pop("mask_token_id", DREAM_MASK_TOKEN_ID)
     shift_logits = fields.pop("shift_logits", True)
+    fields.pop("use_cache", None)
+    fields.pop("attn_implementation", None)
     config = Qwen2Config(attn_implementation="sdpa", use_cache=False, **fields)
     config.mask_token_id = mask_token_id
     config.shift_logits = shift_logits
@@ -131,6 +139,7 @@ __all__ = [
     "make_bidirectional",
     "dream_7b_config",
     "tiny_dream_config",
+    "dream_config",
     "build_decoder",
     "build_dream",
 ]

@@ -21,7 +21,6 @@ with n = ff_norm(h). The SiLU goes on `ff_proj` (the gate); `up_proj` is the lin
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
