@@ -58,9 +58,12 @@ def test_rewritten_graph_matches_fake_quantized_model():
             out = gm(*inputs)
             reference = logits_of(fake_quantize_model(model, w_bits, a_bits)(ids))
         logits = next(o for o in out if o.shape == reference.shape)
-        # Same arithmetic up to float32 rounding; an activation code can flip where rounding
-        # lands on a half step, which moves one output by one quantization step at most.
-        assert sqnr_db(reference, logits) > 50, (w_bits, a_bits)
+        # Same arithmetic up to float32 rounding. Where an activation lands within rounding of a
+        # half step its code can flip (about one flip in 1e5 activations here), moving that one
+        # value by a quantization step: ~60 dB per flip at W8A8 (30 seeds: worst 59.9 dB). A
+        # wiring mistake (wrong weight, site or scale) costs tens of dB, and the unquantized
+        # model sits at ~40 dB (W8A8) / ~17 dB (W4A4) from this reference.
+        assert sqnr_db(reference, logits) > 45, (w_bits, a_bits)
         assert report.details["linears_quantized"] == 14 and report.details["sites"] == 8
 
 
