@@ -26,7 +26,7 @@ test: setup
 
 # On a machine with a CUDA GPU (its own torch): the Triton kernels against the reference ops.
 test-gpu:
-	python3 -m pytest -q -m cuda tests/codegen
+	python3 -m pytest -q -s -m cuda tests
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
