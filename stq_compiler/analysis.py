@@ -204,6 +204,25 @@ def _is_mul(node: fx.Node) -> bool:
     )
 
 
+_CASTS = {"to", "float", "half", "bfloat16", "type"}
+
+
+def norm_scale_feeding(site_input: fx.Node, bindings) -> Optional[tuple[fx.Node, TensorBinding]]:
+    """``(normalised, norm weight)`` when a site reads ``weight * normalised`` (an RMSNorm/LayerNorm
+    scale, possibly followed by a dtype cast); None otherwise."""
+    node = site_input
+    while node.op == "call_method" and node.target in _CASTS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    if not _is_mul(node) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    for weight, normalised in ((a, b), (b, a)):
+        binding = bindings.get(weight) if isinstance(weight, fx.Node) else None
+        if binding is not None and binding.tensor.dim() == 1 and isinstance(normalised, fx.Node):
+            return normalised, binding
+    return None
+
+
 def _derives_from(node, targets: set, depth: int = 4) -> bool:
     """``node`` is one of ``targets`` or computed from one by single-input ops (views, activations)."""
     for _ in range(depth):

@@ -229,6 +229,46 @@ def _(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, out_dtype):
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# The activation-side transform of a site: x -> x (P1 ⊗ P2)
+
+
+def kron_transform_reference(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``x @ kron(p1, p2)`` without forming the product: ``P1ᵀ X P2`` on each token's [d1, d2] view.
+
+    A dense transform is ``p1 = P``, ``p2 = [[1]]``. Computed in float32, returned in x's dtype.
+    """
+    d1, d2 = p1.shape[0], p2.shape[0]
+    xm = x.float().reshape(*x.shape[:-1], d1, d2)
+    y = p1.float().t() @ xm @ p2.float()
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _check_kron_args(x, p1, p2) -> None:
+    if p1.dim() != 2 or p1.shape[0] != p1.shape[1] or p2.dim() != 2 or p2.shape[0] != p2.shape[1]:
+        raise ValueError(
+            f"stq.kron_transform: factors must be square matrices, got {tuple(p1.shape)} and {tuple(p2.shape)}"
+        )
+    if p1.shape[0] * p2.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"stq.kron_transform: factors {p1.shape[0]}x{p2.shape[0]} do not match the activation's "
+            f"{x.shape[-1]} features"
+        )
+
+
+@torch.library.custom_op("stq::kron_transform", mutates_args=())
+def kron_transform(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """A site's activation transform ``x (P1 ⊗ P2)`` (SGAT's P, QuaRot's Hadamard)."""
+    _check_kron_args(x, p1, p2)
+    return kron_transform_reference(x, p1, p2)
+
+
+@kron_transform.register_fake
+def _(x, p1, p2):
+    _check_kron_args(x, p1, p2)
+    return torch.empty_like(x)
+
+
 # On CUDA the ops dispatch to Triton kernels; without Triton they stay on the reference.
 try:
     from stq_compiler.codegen.triton_rtn import register_cuda_kernels
