@@ -1,6 +1,6 @@
 """stq_compiler: a torch.compile backend running diffusion LLMs at 4-bit weights and activations."""
 
-from stq_compiler import ops  # noqa: F401  (registers the stq:: custom ops)
+from stq_compiler import ops, tac_ops  # noqa: F401  (register the stq:: custom ops)
 from stq_compiler.backend import StarQuant, starquant
 
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ _VIEW_FUNCTIONS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class Linear:
     node: fx.Node
     input: fx.Node
@@ -69,7 +69,7 @@ class Linear:
         return w if self.weight_layout == "nk" else w.t()
 
 
-@dataclass
+@dataclass(eq=False)
 class Site:
     """Linears that read one activation tensor; they share one activation transform and quantizer."""
 

@@ -1,0 +1,172 @@
+"""TAC fit: the closed-form block-diagonal affine map that corrects the quantized attention output.
+
+At the TAC point (attention core output, heads merged, width C) the calibration run collects
+``Z_ref`` (quantizers off) and ``Ẑ`` (quantizers on). Per block b of g channels (METHOD.md §4):
+
+1. means ``μ_ref, μ_q`` and population covariances ``Σ_ref, Σ_q``;
+2. damping ``λ = rho · max(tr(Σ_q)/g, 1e-8)``, ``Σ̃_q = Σ_q + λI``;
+3. ``M = Σ_ref^{1/2} Σ̃_q^{-1/2}`` by symmetric eigendecomposition, eigenvalues clamped at ``eig_floor``;
+4. singular values smoothed: ``M = U diag(σ) Vᵀ``, ``σ ← (1 - eta) σ + eta · mean(σ)``;
+5. shrunk toward identity: ``M ← (1 - alpha) M + alpha I``;
+6. ``d = μ_ref − M μ_q``.
+
+Applied as ``Z_b ← Ẑ_b M_bᵀ + d_b`` by ``stq::tac_block_affine``. Everything is computed in
+float64, all blocks at once (batched linear algebra); the result is stored in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+DEFAULT_GROUP = 16
+
+
+def tac_group_size(channels: int, max_group: int = DEFAULT_GROUP) -> int:
+    """The block size g: the largest divisor of ``channels`` that is at most ``max_group``."""
+    if channels < 1 or max_group < 1:
+        raise ValueError(f"tac_group_size needs positive channels and max_group, got {channels} and {max_group}")
+    return next(g for g in range(min(channels, max_group), 0, -1) if channels % g == 0)
+
+
+@dataclass
+class TacParams:
+    """One layer's TAC map: ``M`` [C//g, g, g] and ``d`` [C] (float32 unless asked otherwise)."""
+
+    M: torch.Tensor
+    d: torch.Tensor
+
+    def __post_init__(self):
+        if self.M.dim() != 3 or self.M.shape[1] != self.M.shape[2]:
+            raise ValueError(f"TacParams: M must have shape [C//g, g, g], got {tuple(self.M.shape)}")
+        if self.d.shape != (self.M.shape[0] * self.M.shape[1],):
+            raise ValueError(
+                f"TacParams: d must have shape ({self.M.shape[0] * self.M.shape[1]},) to match M "
+                f"{tuple(self.M.shape)}, got {tuple(self.d.shape)}"
+            )
+
+    @property
+    def group(self) -> int:
+        return self.M.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.d.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.M.numel() * self.M.element_size() + self.d.numel() * self.d.element_size()
+
+    @classmethod
+    def identity(cls, channels: int, group: Optional[int] = None) -> "TacParams":
+        group = tac_group_size(channels) if group is None else group
+        _check_group(channels, group)
+        eye = torch.eye(group, dtype=torch.float32).expand(channels // group, group, group).clone()
+        return cls(eye, torch.zeros(channels, dtype=torch.float32))
+
+
+def _check_group(channels: int, group: int) -> None:
+    if group < 1 or channels % group:
+        raise ValueError(f"TAC block size {group} does not divide the {channels} channels")
+
+
+def _sym_power(cov: torch.Tensor, power: float, floor: float) -> torch.Tensor:
+    """``cov^power`` of a batch of symmetric matrices, eigenvalues clamped at ``floor``."""
+    w, v = torch.linalg.eigh(cov)
+    return (v * w.clamp(min=floor).pow(power).unsqueeze(-2)) @ v.transpose(-1, -2)
+
+
+class TacStatistics:
+    """Streaming per-block first and second moments of ``Z_ref`` and ``Ẑ`` (float64).
+
+    Sums are taken around a per-channel shift (the first batch's mean) so that ``E[xxᵀ] − μμᵀ``
+    does not cancel catastrophically when the means are large against the spread.
+    """
+
+    def __init__(self, channels: int, group: Optional[int] = None):
+        self.channels = channels
+        self.group = tac_group_size(channels) if group is None else group
+        _check_group(channels, self.group)
+        self.count = 0
+        self._shift: dict[str, torch.Tensor] = {}
+        self._sum: dict[str, torch.Tensor] = {}
+        self._outer: dict[str, torch.Tensor] = {}
+
+    def _blocks(self, z: torch.Tensor, what: str) -> torch.Tensor:
+        if z.shape[-1] != self.channels:
+            raise ValueError(f"TAC statistics: {what} has {z.shape[-1]} channels, expected {self.channels}")
+        device = self._shift["ref"].device if self._shift else z.device
+        return z.detach().reshape(-1, self.channels).to(device=device, dtype=torch.float64)
+
+    def update(self, z_ref: torch.Tensor, z_q: torch.Tensor) -> None:
+        """Add tokens: ``z_ref`` and ``z_q`` [..., C], the same tokens with quantizers off / on."""
+        ref, q = self._blocks(z_ref, "z_ref"), self._blocks(z_q, "z_q")
+        if ref.shape != q.shape:
+            raise ValueError(
+                f"TAC statistics: z_ref {tuple(z_ref.shape)} and z_q {tuple(z_q.shape)} must hold the same tokens"
+            )
+        if ref.shape[0] == 0:
+            return
+        nb, g = self.channels // self.group, self.group
+        for key, x in (("ref", ref), ("q", q)):
+            if key not in self._shift:
+                self._shift[key] = x.mean(0)
+                self._sum[key] = x.new_zeros(nb, g)
+                self._outer[key] = x.new_zeros(nb, g, g)
+            xb = (x - self._shift[key]).reshape(-1, nb, g)
+            self._sum[key] += xb.sum(0)
+            self._outer[key] += torch.einsum("tbi,tbj->bij", xb, xb)
+        self.count += ref.shape[0]
+
+    def moments(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block mean [C//g, g] and population covariance [C//g, g, g] of ``"ref"`` or ``"q"``."""
+        if self.count == 0:
+            raise ValueError("TAC statistics: no tokens were collected")
+        mean_shifted = self._sum[key] / self.count
+        cov = self._outer[key] / self.count - mean_shifted.unsqueeze(-1) * mean_shifted.unsqueeze(-2)
+        mean = mean_shifted + self._shift[key].reshape_as(mean_shifted)
+        return mean, (cov + cov.transpose(-1, -2)) / 2
+
+    def fit(
+        self,
+        rho: float = 3e-4,
+        eta: float = 0.15,
+        alpha: float = 0.55,
+        eig_floor: float = 1e-12,
+        dtype: torch.dtype = torch.float32,
+    ) -> TacParams:
+        """The closed-form TAC map of the collected tokens (module docstring, steps 2-6), stored in
+        ``dtype`` on the CPU (float32, what the graph holds; float64 to check the fit itself)."""
+        mu_ref, cov_ref = self.moments("ref")
+        mu_q, cov_q = self.moments("q")
+        g = self.group
+        eye = torch.eye(g, dtype=torch.float64, device=cov_q.device)
+        trace = cov_q.diagonal(dim1=-2, dim2=-1).sum(-1)
+        damping = rho * torch.clamp(trace / g, min=1e-8)
+        cov_q = cov_q + damping[:, None, None] * eye
+        m = _sym_power(cov_ref, 0.5, eig_floor) @ _sym_power(cov_q, -0.5, eig_floor)
+        u, s, vh = torch.linalg.svd(m)
+        s = (1 - eta) * s + eta * s.mean(-1, keepdim=True)
+        m = (u * s.unsqueeze(-2)) @ vh
+        m = (1 - alpha) * m + alpha * eye
+        d = mu_ref - (m @ mu_q.unsqueeze(-1)).squeeze(-1)
+        return TacParams(m.to(dtype).cpu(), d.reshape(-1).to(dtype).cpu())
+
+
+def fit_tac(
+    z_ref: torch.Tensor,
+    z_q: torch.Tensor,
+    group: Optional[int] = None,
+    rho: float = 3e-4,
+    eta: float = 0.15,
+    alpha: float = 0.55,
+    eig_floor: float = 1e-12,
+    dtype: torch.dtype = torch.float32,
+) -> TacParams:
+    """Fit TAC on ``z_ref`` / ``z_q`` [..., C] (quantizers off / on at the TAC point), all tokens at
+    once; ``TacStatistics`` does the same from batches."""
+    stats = TacStatistics(z_ref.shape[-1], group)
+    stats.update(z_ref, z_q)
+    return stats.fit(rho=rho, eta=eta, alpha=alpha, eig_floor=eig_floor, dtype=dtype)
