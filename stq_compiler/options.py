@@ -60,6 +60,8 @@ class BackendOptions:
             )
         if options.get("debug_dir") is None and os.environ.get(DEBUG_DIR_ENV):
             options["debug_dir"] = os.environ[DEBUG_DIR_ENV]
+        if options.get("recipe") is not None:
+            options.update(_settings_from_recipe(options))
         opts = cls(**options)
         opts._validate()
         return opts
@@ -90,10 +92,27 @@ class BackendOptions:
                 "starquant: token_state='required' needs the mask token id: pass options['mask_token_id'] "
                 "(LLaDA 126336, Dream 151666)"
             )
-        if self.recipe is not None:
-            raise NotImplementedError(
-                "starquant: calibrated recipes are not supported yet (they arrive with "
-                "stq_compiler.calibrate); leave 'recipe' unset for round-to-nearest quantization"
-            )
         if not isinstance(self.inductor_config, dict):
             raise ValueError("starquant: option inductor_config must be a dict of Inductor config patches")
+
+
+def _settings_from_recipe(options: dict) -> dict:
+    """Load the recipe (a ``Recipe`` or a path) and take bits and mask id from it; options that
+    contradict the recipe are refused rather than silently overridden."""
+    from stq_compiler.recipe import Recipe
+
+    recipe = options["recipe"]
+    if not isinstance(recipe, Recipe):
+        if not isinstance(recipe, (str, os.PathLike)):
+            raise ValueError(f"starquant: option recipe must be a Recipe or a path, got {type(recipe).__name__}")
+        recipe = Recipe.load(recipe)
+    settings = {"recipe": recipe}
+    for name, value in (("w_bits", recipe.w_bits), ("a_bits", recipe.a_bits), ("mask_token_id", recipe.mask_token_id)):
+        given = options.get(name)
+        if given is not None and value is not None and given != value:
+            raise ValueError(f"starquant: option {name}={given} contradicts the recipe, which was calibrated with {name}={value}")
+        settings[name] = value if value is not None else given
+    if recipe.options.get("quantize_head") and not options.get("quantize_head", True):
+        raise ValueError("starquant: the recipe quantizes the LM head; option quantize_head=False contradicts it")
+    settings["quantize_head"] = bool(recipe.options.get("quantize_head", options.get("quantize_head", False)))
+    return settings

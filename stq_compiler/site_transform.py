@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from stq_compiler.calibration.transforms import kron_apply
 from stq_compiler.ops import kron_transform_reference
 
 
@@ -67,7 +68,7 @@ class SiteTransform:
         if self.smooth is not None:
             w = w * self.smooth.double()
         if self.p1 is not None:
-            w = kron_apply64(w, self.p1, self.p2)
+            w = kron_apply(w, self.p1.double(), self.p2.double())
         return w.float()
 
     def transform_activation(self, x: torch.Tensor, is_masked: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -98,9 +99,3 @@ def state_gate(is_masked: torch.Tensor, gate_masked: torch.Tensor, gate_unmasked
     state = is_masked.reshape(*shape[:-1], 1)
     return torch.where(state, gate_masked.float(), gate_unmasked.float())
 
-
-def kron_apply64(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """``x @ kron(p1, p2)`` in float64 (for folding weights)."""
-    d1, d2 = p1.shape[0], p2.shape[0]
-    xm = x.double().reshape(*x.shape[:-1], d1, d2)
-    return (p1.double().t() @ xm @ p2.double()).reshape(x.shape)

@@ -1,0 +1,124 @@
+"""SGAT: fit one site's state-guided orthogonal transform (METHOD.md section 3).
+
+For a site with activations ``X`` (tokens × d, each token masked or not) feeding linears
+``W_j``, learn an orthogonal ``P = P1 ⊗ P2`` minimising
+
+    L = Σ_s ‖ X_s Wᵀ − Q_a(X_s P G_s) · Q_w(Pᵀ Wᵀ) ‖²_F / ‖X Wᵀ‖²_F
+
+over both token states s, with straight-through rounding, ``P`` kept orthogonal by
+``torch.nn.utils.parametrizations.orthogonal``, AdamW. The gates ``G_s`` keep the shared columns
+and the state's own private ones (d/32 each; the last 2·d/32 columns of the P basis). With
+``gates=False`` it is the ablation "one shared learned transform without state gates".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from stq_compiler.calibration.transforms import kronecker_factors, random_orthogonal
+from stq_compiler.ops import act_qrange, weight_qmax
+from stq_compiler.site_transform import SiteTransform
+
+
+def private_gates(d: int, fraction: float = 1 / 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 gates over the P basis: the last ``2p`` columns are private (p = max(1, d·fraction)),
+    the first ``p`` of them to masked tokens, the last ``p`` to unmasked ones."""
+    p = max(1, int(round(d * fraction)))
+    gate_masked, gate_unmasked = torch.ones(d), torch.ones(d)
+    gate_masked[d - p :] = 0  # unmasked-private columns are off for masked tokens
+    gate_unmasked[d - 2 * p : d - p] = 0  # masked-private columns are off for unmasked tokens
+    return gate_masked, gate_unmasked
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.floor(x + 0.5) - x).detach()
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token asymmetric quantize-dequantize (ops.py semantics), straight-through rounding."""
+    qmin, qmax = act_qrange(bits)
+    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-12)
+    zero = (qmin - torch.floor(lo / scale + 0.5)).detach()
+    q = torch.clamp(_round_ste(x / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric quantize-dequantize, straight-through rounding."""
+    qmax = weight_qmax(bits)
+    scale = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-12)
+    return torch.clamp(_round_ste(w / scale), -qmax, qmax) * scale
+
+
+class _Orthogonal(nn.Module):
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.clone())
+        orthogonal(self, "weight")
+
+
+def fit_sgat(
+    x: torch.Tensor,
+    is_masked: torch.Tensor,
+    weights: list[torch.Tensor],
+    w_bits: int,
+    a_bits: int,
+    *,
+    gates: bool = True,
+    kron: bool = True,
+    epochs: int = 15,
+    lr: float = 1e-3,
+    tokens_per_step: int = 4 * 128,
+    private_fraction: float = 1 / 32,
+    generator: Optional[torch.Generator] = None,
+    fold_norm: bool = False,
+) -> tuple[SiteTransform, dict]:
+    """Learn the site's transform from activations ``x`` [T, d] (already divided by the norm scale
+    when ``fold_norm``) and the site's folded-so-far weights ``W_j`` [N_j, d]. Returns the
+    transform and a small report (first/last epoch loss)."""
+    d = x.shape[-1]
+    device = x.device
+    d1, d2 = kronecker_factors(d) if kron else (d, 1)
+    p1 = _Orthogonal(random_orthogonal(d1, generator).float().to(device))
+    p2 = _Orthogonal(torch.eye(d2, device=device) if d2 == 1 else random_orthogonal(d2, generator).float().to(device))
+    params = [p for m in (p1, p2) for p in m.parameters()] if d2 > 1 else list(p1.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    w = torch.cat([wj.detach().float() for wj in weights], dim=0).to(device)
+    gate_m, gate_u = private_gates(d, private_fraction) if gates else (torch.ones(d), torch.ones(d))
+    gate_m, gate_u = gate_m.to(device), gate_u.to(device)
+    x = x.detach().float().reshape(-1, d)
+    state = is_masked.reshape(-1).to(device)
+    steps = max(1, math.ceil(x.shape[0] / tokens_per_step))
+    history = []
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=generator).to(device)
+        total = 0.0
+        for i in range(steps):
+            idx = order[i * tokens_per_step : (i + 1) * tokens_per_step]
+            xb, sb = x[idx], state[idx]
+            p = torch.kron(p1.weight, p2.weight)
+            target = xb @ w.t()
+            xt = (xb @ p) * torch.where(sb[:, None], gate_m, gate_u)
+            out = fake_quant_activation(xt, a_bits) @ fake_quant_weight(w @ p, w_bits).t()
+            loss = (target - out).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        history.append(total / steps)
+    with torch.no_grad():
+        transform = SiteTransform(
+            fold_norm=fold_norm,
+            p1=p1.weight.detach().double().cpu(),
+            p2=p2.weight.detach().double().cpu(),
+            gate_masked=gate_m.cpu() if gates else None,
+            gate_unmasked=gate_u.cpu() if gates else None,
+        )
+    return transform, {"loss_first_epoch": history[0], "loss_last_epoch": history[-1]}
