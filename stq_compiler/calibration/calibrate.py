@@ -53,6 +53,7 @@ class CalibrationConfig:
     sgat: bool = True  # starquant: state gates on (False: one shared learned transform)
     tac: bool = True  # starquant: temporal attention compensation
     kron: bool = True  # starquant: P = P1 ⊗ P2 (False: dense P)
+    init: str = "hadamard"  # starquant: P's starting point ("random": a random orthogonal, as the paper)
     epochs: int = 15
     lr: float = 1e-3
     batch_size: int = 4  # sequences per step (SGAT) and per forward (statistics)
@@ -67,7 +68,7 @@ class CalibrationConfig:
     def recipe_options(self) -> dict:
         options = {"gptq": self.gptq, "fold_norm": self.method in ("quarot", "starquant") or self.method == "smoothquant"}
         if self.method == "starquant":
-            options.update(sgat=self.sgat, tac=self.tac, kron=self.kron, epochs=self.epochs, lr=self.lr)
+            options.update(sgat=self.sgat, tac=self.tac, kron=self.kron, init=self.init, epochs=self.epochs, lr=self.lr)
         if self.method == "smoothquant":
             options["alpha"] = self.alpha
         return options
@@ -259,7 +260,7 @@ def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg
         signs = torch.randint(0, 2, (d,), generator=gen).double() * 2 - 1
         return SiteTransform(fold_norm=fold, smooth=signs, p1=random_hadamard(d1, gen), p2=random_hadamard(d2, gen)), {}
     transform, report = fit_sgat(
-        x, state, weights, cfg.w_bits, cfg.a_bits, gates=cfg.sgat, kron=cfg.kron, epochs=cfg.epochs, lr=cfg.lr,
+        x, state, weights, cfg.w_bits, cfg.a_bits, gates=cfg.sgat, kron=cfg.kron, init=cfg.init, epochs=cfg.epochs, lr=cfg.lr,
         tokens_per_step=cfg.batch_size * cfg.extra.get("seq_len", 128), generator=gen, fold_norm=fold,
     )
     return transform, report
@@ -367,6 +368,9 @@ def calibrate(
             tensors[Recipe.key(fqn, "tac.d")] = params.d
     options = cfg.recipe_options()
     options["quantize_head"] = quantize_head
+    fitted_losses = {k: r for k, r in reports.items() if r}
+    if fitted_losses:  # what training did, per site (normalised layer loss, first and last epoch)
+        options["sgat_loss"] = fitted_losses
     return Recipe(
         method=method, w_bits=w_bits, a_bits=a_bits, mask_token_id=mask_token_id, options=options,
         tensors=tensors, fingerprint=fingerprint_from_model(model),

@@ -20,18 +20,44 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from stq_compiler.calibration.transforms import kronecker_factors, random_orthogonal
+from stq_compiler.calibration.transforms import kronecker_factors, random_hadamard, random_orthogonal
 from stq_compiler.ops import act_qrange, weight_qmax
 from stq_compiler.site_transform import SiteTransform
+
+
+def private_count(d: int, fraction: float = 1 / 32) -> int:
+    return max(1, int(round(d * fraction)))
 
 
 def private_gates(d: int, fraction: float = 1 / 32) -> tuple[torch.Tensor, torch.Tensor]:
     """0/1 gates over the P basis: the last ``2p`` columns are private (p = max(1, d·fraction)),
     the first ``p`` of them to masked tokens, the last ``p`` to unmasked ones."""
-    p = max(1, int(round(d * fraction)))
+    p = private_count(d, fraction)
     gate_masked, gate_unmasked = torch.ones(d), torch.ones(d)
     gate_masked[d - p :] = 0  # unmasked-private columns are off for masked tokens
     gate_unmasked[d - 2 * p : d - p] = 0  # masked-private columns are off for unmasked tokens
+    return gate_masked, gate_unmasked
+
+
+def gates_by_energy(xp: torch.Tensor, is_masked: torch.Tensor, fraction: float = 1 / 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place the private columns of an initial basis where they cost least: the unmasked-private
+    columns (off for masked tokens) where masked tokens carry the least energy, the masked-private
+    ones (off for unmasked tokens) where unmasked tokens carry the least, among the rest.
+    ``xp``: activations in the initial basis [T, d]. With one state absent, the fixed layout."""
+    d = xp.shape[-1]
+    if is_masked.all() or not is_masked.any():
+        return private_gates(d, fraction)
+    p = private_count(d, fraction)
+    energy_m = xp[is_masked].pow(2).mean(0)
+    energy_u = xp[~is_masked].pow(2).mean(0)
+    unmasked_private = torch.argsort(energy_m)[:p]
+    rest = torch.ones(d, dtype=torch.bool)
+    rest[unmasked_private] = False
+    candidates = torch.nonzero(rest).squeeze(1)
+    masked_private = candidates[torch.argsort(energy_u[candidates])[:p]]
+    gate_masked, gate_unmasked = torch.ones(d), torch.ones(d)
+    gate_masked[unmasked_private] = 0
+    gate_unmasked[masked_private] = 0
     return gate_masked, gate_unmasked
 
 
@@ -77,6 +103,7 @@ def fit_sgat(
     lr: float = 1e-3,
     tokens_per_step: int = 4 * 128,
     private_fraction: float = 1 / 32,
+    init: str = "hadamard",
     generator: Optional[torch.Generator] = None,
     fold_norm: bool = False,
 ) -> tuple[SiteTransform, dict]:
@@ -85,16 +112,23 @@ def fit_sgat(
     transform and a small report (first/last epoch loss)."""
     d = x.shape[-1]
     device = x.device
+    if init not in ("hadamard", "random"):
+        raise ValueError(f"fit_sgat: init must be 'hadamard' or 'random', got {init!r}")
     d1, d2 = kronecker_factors(d) if kron else (d, 1)
-    p1 = _Orthogonal(random_orthogonal(d1, generator).float().to(device))
-    p2 = _Orthogonal(torch.eye(d2, device=device) if d2 == 1 else random_orthogonal(d2, generator).float().to(device))
+    start = random_hadamard if init == "hadamard" else random_orthogonal
+    p1 = _Orthogonal(start(d1, generator).float().to(device))
+    p2 = _Orthogonal(torch.eye(d2, device=device) if d2 == 1 else start(d2, generator).float().to(device))
     params = [p for m in (p1, p2) for p in m.parameters()] if d2 > 1 else list(p1.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr)
     w = torch.cat([wj.detach().float() for wj in weights], dim=0).to(device)
-    gate_m, gate_u = private_gates(d, private_fraction) if gates else (torch.ones(d), torch.ones(d))
-    gate_m, gate_u = gate_m.to(device), gate_u.to(device)
     x = x.detach().float().reshape(-1, d)
     state = is_masked.reshape(-1).to(device)
+    if gates:
+        with torch.no_grad():
+            gate_m, gate_u = gates_by_energy(x @ torch.kron(p1.weight, p2.weight), state, private_fraction)
+    else:
+        gate_m, gate_u = torch.ones(d), torch.ones(d)
+    gate_m, gate_u = gate_m.to(device), gate_u.to(device)
     steps = max(1, math.ceil(x.shape[0] / tokens_per_step))
     history = []
     for _ in range(epochs):
@@ -121,4 +155,4 @@ def fit_sgat(
             gate_masked=gate_m.cpu() if gates else None,
             gate_unmasked=gate_u.cpu() if gates else None,
         )
-    return transform, {"loss_first_epoch": history[0], "loss_last_epoch": history[-1]}
+    return transform, {"loss_first_epoch": history[0] if history else None, "loss_last_epoch": history[-1] if history else None}

@@ -1,0 +1,50 @@
+"""On a small model with injected activation outliers, W4A4 logits' SQNR ranks the methods:
+starquant ≥ quarot > rtn, and the ablations (no TAC, no SGAT gates) fall between rtn and starquant.
+
+This compares methods on one fixed model and data set (seeded), as a benchmark would; the numbers
+it measured are written to the test's output (-s) and into the issue notes."""
+
+import torch
+
+from stq_compiler.backend import StarQuant
+from stq_compiler.calibration.calibrate import calibrate
+from tests.conftest import logits_of, sqnr_db, tiny_model
+
+
+def outlier_model(d=128, seed=0):
+    torch.manual_seed(seed)
+    model = tiny_model("llada", seed=seed, n_layers=2, d_model=d, n_heads=d // 16, n_kv_heads=d // 16, mlp_hidden_size=2 * d)
+    with torch.no_grad():  # a few channels of every norm scale 10-50x: activation outliers
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p[torch.randperm(p.numel())[:3]] *= torch.tensor([10.0, 30.0, 50.0])
+    return model
+
+
+def test_w4a4_ranking_on_an_outlier_model():
+    model = outlier_model()
+    calib = torch.randint(0, 255, (64, 64))
+    test = torch.randint(0, 255, (16, 64))
+    test[torch.rand(16, 64) < 0.5] = model.config.mask_token_id
+    with torch.no_grad():
+        reference = logits_of(model(test))
+    # lr 1e-2: the paper's 1e-3 is for 8B-sized transforms trained on 128 x 2048 tokens; this
+    # model trains each site on ~5k tokens for 15 epochs.
+    runs = {
+        "rtn": ("rtn", {}),
+        "quarot": ("quarot", {}),
+        "starquant": ("starquant", {"lr": 1e-2}),
+        "starquant-no-tac": ("starquant", {"lr": 1e-2, "tac": False}),
+        "starquant-no-sgat": ("starquant", {"lr": 1e-2, "sgat": False}),
+    }
+    sqnr = {}
+    for name, (method, options) in runs.items():
+        recipe = calibrate(model, calib, method, 4, 4, progress=False, **options)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = logits_of(torch.compile(model, backend=StarQuant(recipe=recipe, inductor=False))(test))
+        sqnr[name] = sqnr_db(reference, out)
+    print("W4A4 logits SQNR (dB):", {k: round(v, 2) for k, v in sqnr.items()})
+    assert sqnr["starquant"] >= sqnr["quarot"] > sqnr["rtn"]
+    for ablation in ("starquant-no-tac", "starquant-no-sgat"):
+        assert sqnr["rtn"] < sqnr[ablation] <= sqnr["starquant"]
