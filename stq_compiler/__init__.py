@@ -4,13 +4,21 @@ from stq_compiler import ops, tac_ops  # noqa: F401  (register the stq:: custom 
 from stq_compiler.backend import StarQuant, starquant
 
 __version__ = "0.1.0"
-__all__ = ["StarQuant", "starquant", "generate"]
+__all__ = ["Recipe", "StarQuant", "calibrate", "generate", "starquant"]
 
 
 def __getattr__(name):
-    # The sampler pulls in the model code; load it when asked for.
+    # The sampler and calibration pull in model and training code; load them when asked for.
     if name == "generate":
         from stq_compiler.sampling import generate
 
         return generate
+    if name == "calibrate":
+        from stq_compiler.calibration.calibrate import calibrate
+
+        return calibrate
+    if name == "Recipe":
+        from stq_compiler.recipe import Recipe
+
+        return Recipe
     raise AttributeError(f"module 'stq_compiler' has no attribute {name!r}")

@@ -60,27 +60,27 @@ class SiteTransform:
 
     def fold_weight(self, w_nk: torch.Tensor, norm_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``W'' = W · diag(norm) · diag(s) · (P1 ⊗ P2)`` in float64, returned as float32."""
-        w = w_nk.detach().double()
+        w, dev = w_nk.detach().double(), w_nk.device
         if self.fold_norm:
             if norm_weight is None:
                 raise ValueError("fold_norm needs the norm weight feeding the site")
             w = w * norm_weight.detach().double()
         if self.smooth is not None:
-            w = w * self.smooth.double()
+            w = w * self.smooth.double().to(dev)
         if self.p1 is not None:
-            w = kron_apply(w, self.p1.double(), self.p2.double())
+            w = kron_apply(w, self.p1.double().to(dev), self.p2.double().to(dev))
         return w.float()
 
     def transform_activation(self, x: torch.Tensor, is_masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x''`` (gated when the transform has gates) for an activation that already had its norm
         weight removed if ``fold_norm``. Float32 arithmetic, as in the graph."""
-        x = x.float()
+        x, dev = x.float(), x.device
         if self.smooth is not None:
-            x = x / self.smooth.float()
+            x = x / self.smooth.float().to(dev)
         if self.p1 is not None:
-            x = kron_transform_reference(x, self.p1, self.p2)
+            x = kron_transform_reference(x, self.p1.to(dev), self.p2.to(dev))
         if self.has_gates:
-            x = x * state_gate(is_masked, self.gate_masked, self.gate_unmasked, x.shape)
+            x = x * state_gate(is_masked.to(dev), self.gate_masked.to(dev), self.gate_unmasked.to(dev), x.shape)
         return x
 
     def to_tensors(self) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ trajectories (``stq_compiler.generate``) started from the sequences' first halve
 from __future__ import annotations
 
 import copy
-import operator
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -31,7 +31,6 @@ from stq_compiler.calibration.transforms import kronecker_factors, random_hadama
 from stq_compiler.capture import keep_sources
 from stq_compiler.ops import QuantizedWeight
 from stq_compiler.passes.quantize_linears import eligible, quantize_linears, site_key
-from stq_compiler.passes.tac import insert_tac
 from stq_compiler.passes.token_state import insert_token_state
 from stq_compiler.recipe import Recipe, fingerprint_from_model
 from stq_compiler.site_transform import SiteTransform
@@ -63,6 +62,7 @@ class CalibrationConfig:
     trajectory_steps: int = 8
     seed: int = 0
     progress: bool = True
+    max_blocks: Optional[int] = None  # fit only the first N blocks (timing benchmarks); the rest stay RTN
     extra: dict = field(default_factory=dict)
 
     def recipe_options(self) -> dict:
@@ -130,10 +130,11 @@ def calibration_states(model, ids: torch.Tensor, cfg: CalibrationConfig, generat
                 self.inner, self.config = inner, inner.config
 
             def forward(self, x):
-                seen.append(x.clone())
+                seen.append(x.cpu())
                 return self.inner(x)
 
-        generate(Recording(model), ids[:prompts, : length - gen_length], gen_length=gen_length, steps=steps,
+        device = next(model.parameters()).device
+        generate(Recording(model), ids[:prompts, : length - gen_length].to(device), gen_length=gen_length, steps=steps,
                  block_length=gen_length, mask_token_id=mask_id)
         states.append(torch.cat(seen))
     return torch.cat(states)
@@ -193,28 +194,29 @@ class _Graph:
         with torch.no_grad():
             return self.gm(*args)
 
-    def observe(self, nodes: dict[str, fx.Node]) -> dict[str, list]:
-        """Insert an observer after each node; returns the lists they fill, one tensor per run."""
+    def observe(self, nodes: dict[str, fx.Node], sinks: Optional[dict] = None) -> dict[str, list]:
+        """Insert an observer after each node. Without ``sinks`` each keeps what it sees (tokens ×
+        features, float32, on the CPU) in the returned lists; with them, it hands each activation
+        to ``sinks[key]`` instead (streaming statistics)."""
         seen = {}
         for i, (key, node) in enumerate(nodes.items()):
-            observer = _Observer()
+            store: list = []
+            observer = _Observer(sinks[key] if sinks else lambda x, store=store: store.append(x.float().cpu()))
             self.gm.add_submodule(f"stq_observer_{i}", observer)
             with self.gm.graph.inserting_after(node):
                 self.gm.graph.call_module(f"stq_observer_{i}", (node,))
-            seen[key] = observer.seen
+            seen[key] = store
         self.gm.recompile()
         return seen
 
 
 class _Observer(torch.nn.Module):
-    """Keeps every activation it sees (tokens × features, float32, on the CPU)."""
-
-    def __init__(self):
+    def __init__(self, sink):
         super().__init__()
-        self.seen: list[torch.Tensor] = []
+        self.sink = sink
 
     def forward(self, x: torch.Tensor) -> None:
-        self.seen.append(x.detach().float().reshape(-1, x.shape[-1]).cpu())
+        self.sink(x.detach().reshape(-1, x.shape[-1]))
 
 
 def _blocks(analysis: GraphAnalysis, quantize_head: bool) -> list[list[Site]]:
@@ -245,6 +247,7 @@ def _activation_node(site: Site, fold_norm: bool, bindings) -> tuple[fx.Node, Op
 
 
 def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg: CalibrationConfig, gen) -> tuple[Optional[SiteTransform], dict]:
+    """Fit one site's transform from its activations ``x`` [T, d] (CPU) and token states."""
     fold = norm_weight is not None
     weights = [lin.weight_nk().float() * (norm_weight.detach().float() if fold else 1) for lin in site.linears]
     d = x.shape[-1]
@@ -267,14 +270,17 @@ def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg
 
 
 def _gptq_weights(site: Site, transform: Optional[SiteTransform], x: torch.Tensor, state: torch.Tensor, norm_weight, w_bits: int) -> dict[str, QuantizedWeight]:
-    xt = transform.transform_activation(x, state) if transform is not None else x
-    hessian = HessianAccumulator(xt.shape[-1])
-    hessian.update(xt)
+    """GPTQ codes of the site's folded weights, with the Hessian of the transformed activations."""
+    device = site.linears[0].weight.tensor.device
+    hessian = HessianAccumulator(x.shape[-1])
+    for i in range(0, x.shape[0], 65536):  # in chunks: x stays on the CPU
+        chunk = x[i : i + 65536].to(device)
+        hessian.update(transform.transform_activation(chunk, state[i : i + 65536].to(device)) if transform is not None else chunk)
     h = hessian.hessian()
     out = {}
     for lin in site.linears:
         folded = transform.fold_weight(lin.weight_nk(), norm_weight) if transform is not None else lin.weight_nk().float()
-        out[lin.fqn] = gptq_quantize(folded.to(h.device), h.to(folded.device).float() if folded.device.type != "cpu" else h, w_bits)
+        out[lin.fqn] = gptq_quantize(folded.to(device), h, w_bits)
     return out
 
 
@@ -315,6 +321,8 @@ def calibrate(
         raise CalibrationError("calibrate: no mask token id: pass mask_token_id= or set model.config.mask_token_id")
     cfg = CalibrationConfig(method=method, w_bits=w_bits, a_bits=a_bits, mask_token_id=mask_token_id, **method_options)
     gen = torch.Generator().manual_seed(cfg.seed)
+    timing: dict = {}
+    clock = time.perf_counter()
 
     ids = _as_token_batches(data, tokenizer, seq_len)
     cfg.extra["seq_len"] = ids.shape[1]
@@ -322,7 +330,9 @@ def calibrate(
     with torch.no_grad():
         states = calibration_states(model, ids, cfg, gen)
     batches = _batches(states, cfg.batch_size)
-    captured = capture_model(model, batches[0])
+    timing["states_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    captured = capture_model(model, batches[0].to(next(model.parameters()).device))
+    timing["capture_s"], clock = time.perf_counter() - clock, time.perf_counter()
     fold_norm = cfg.recipe_options()["fold_norm"]
 
     transforms: dict[str, SiteTransform] = {}
@@ -331,6 +341,9 @@ def calibrate(
     fitted: set[str] = set()
     needs_statistics = method != "rtn" or cfg.gptq
     blocks = _blocks(_Graph(captured, mask_token_id).analysis, quantize_head) if needs_statistics else []
+    if cfg.max_blocks is not None:
+        blocks = blocks[: cfg.max_blocks]
+    timing["blocks_s"] = []
     progress = tqdm(total=sum(len(b) for b in blocks), desc=f"calibrate {method} W{w_bits}A{a_bits}", unit="site", disable=not cfg.progress)
     for block in blocks:
         keys = [site_key(s) for s in block]
@@ -354,6 +367,8 @@ def calibrate(
             reports[key] = report
             fitted.add(key)
             progress.update(1)
+        timing["blocks_s"].append(time.perf_counter() - clock)
+        clock = time.perf_counter()
     progress.close()
 
     tensors: dict[str, torch.Tensor] = {}
@@ -366,8 +381,12 @@ def calibrate(
         for fqn, params in fit_tac_layers(captured, transforms, weights, batches, cfg, quantize_head).items():
             tensors[Recipe.key(fqn, "tac.M")] = params.M
             tensors[Recipe.key(fqn, "tac.d")] = params.d
+        timing["tac_s"] = time.perf_counter() - clock
     options = cfg.recipe_options()
     options["quantize_head"] = quantize_head
+    options["timing"] = timing
+    if cfg.max_blocks is not None:
+        options["max_blocks"] = cfg.max_blocks
     fitted_losses = {k: r for k, r in reports.items() if r}
     if fitted_losses:  # what training did, per site (normalised layer loss, first and last epoch)
         options["sgat_loss"] = fitted_losses
@@ -386,24 +405,18 @@ def _quantize_fitted(graph: _Graph, keys: set, transforms, weights, cfg: Calibra
 
 def fit_tac_layers(captured: _Captured, transforms, weights, batches, cfg: CalibrationConfig, quantize_head: bool) -> dict[str, TacParams]:
     """TAC per attention layer from ≤ ``tac_samples`` inputs: the TAC point seen with every transform
-    on and quantizers off (reference) and on (quantized)."""
+    on and quantizers off (reference) and on (quantized), accumulated as streaming statistics."""
     samples = max(1, cfg.tac_samples // cfg.batch_size)
-    runs = []
-    for quantize in (False, True):
+    stats: dict[str, TacStatistics] = {}
+    for side, quantize in (("ref", False), ("q", True)):
         graph = _Graph(captured, cfg.mask_token_id)
         keys = {site_key(s) for s in graph.analysis.sites}
         points = {core.output_projection.fqn: core.tac_point for core in graph.analysis.attention if core.output_projection}
+        for fqn, proj in ((c.output_projection.fqn, c.output_projection) for c in graph.analysis.attention if c.output_projection):
+            stats.setdefault(fqn, TacStatistics(proj.in_features, tac_group_size(proj.in_features)))
         _quantize_fitted(graph, keys, transforms, weights, cfg, quantize_head, quantize)
-        # the o-projection's site now reads a transformed input; observe the TAC point itself
-        seen = graph.observe(points)
+        # observe the TAC point itself (the o-projection's site now reads a transformed input)
+        graph.observe(points, {fqn: (lambda z, s=stats[fqn], side=side: s.add(side, z)) for fqn in points})
         for batch in batches[:samples]:
             graph.run(batch)
-        runs.append(seen)
-    reference, quantized = runs
-    params = {}
-    for fqn in reference:
-        z_ref, z_q = torch.cat(reference[fqn]), torch.cat(quantized[fqn])
-        stats = TacStatistics(z_ref.shape[-1], tac_group_size(z_ref.shape[-1]))
-        stats.update(z_ref, z_q)
-        params[fqn] = stats.fit()
-    return params
+    return {fqn: s.fit() for fqn, s in stats.items()}

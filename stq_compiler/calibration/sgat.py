@@ -48,8 +48,8 @@ def gates_by_energy(xp: torch.Tensor, is_masked: torch.Tensor, fraction: float =
     if is_masked.all() or not is_masked.any():
         return private_gates(d, fraction)
     p = private_count(d, fraction)
-    energy_m = xp[is_masked].pow(2).mean(0)
-    energy_u = xp[~is_masked].pow(2).mean(0)
+    energy_m = xp[is_masked].pow(2).mean(0).cpu()
+    energy_u = xp[~is_masked].pow(2).mean(0).cpu()
     unmasked_private = torch.argsort(energy_m)[:p]
     rest = torch.ones(d, dtype=torch.bool)
     rest[unmasked_private] = False
@@ -106,12 +106,14 @@ def fit_sgat(
     init: str = "hadamard",
     generator: Optional[torch.Generator] = None,
     fold_norm: bool = False,
+    device: Optional[torch.device] = None,
 ) -> tuple[SiteTransform, dict]:
     """Learn the site's transform from activations ``x`` [T, d] (already divided by the norm scale
-    when ``fold_norm``) and the site's folded-so-far weights ``W_j`` [N_j, d]. Returns the
+    when ``fold_norm``) and the site's folded-so-far weights ``W_j`` [N_j, d]. Training runs on
+    ``device`` (default: the weights'); ``x`` may stay on the CPU, minibatches move. Returns the
     transform and a small report (first/last epoch loss)."""
     d = x.shape[-1]
-    device = x.device
+    device = torch.device(device) if device is not None else weights[0].device
     if init not in ("hadamard", "random"):
         raise ValueError(f"fit_sgat: init must be 'hadamard' or 'random', got {init!r}")
     d1, d2 = kronecker_factors(d) if kron else (d, 1)
@@ -121,22 +123,24 @@ def fit_sgat(
     params = [p for m in (p1, p2) for p in m.parameters()] if d2 > 1 else list(p1.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr)
     w = torch.cat([wj.detach().float() for wj in weights], dim=0).to(device)
-    x = x.detach().float().reshape(-1, d)
-    state = is_masked.reshape(-1).to(device)
+    x = x.detach().reshape(-1, d)
+    state = is_masked.reshape(-1).to(x.device)
     if gates:
         with torch.no_grad():
-            gate_m, gate_u = gates_by_energy(x @ torch.kron(p1.weight, p2.weight), state, private_fraction)
+            p0 = torch.kron(p1.weight, p2.weight).to(x.device)
+            energy = torch.cat([x[i : i + 65536].to(device).float() @ p0.to(device) for i in range(0, x.shape[0], 65536)])
+            gate_m, gate_u = gates_by_energy(energy, state.to(device), private_fraction)
     else:
         gate_m, gate_u = torch.ones(d), torch.ones(d)
     gate_m, gate_u = gate_m.to(device), gate_u.to(device)
     steps = max(1, math.ceil(x.shape[0] / tokens_per_step))
     history = []
     for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=generator).to(device)
+        order = torch.randperm(x.shape[0], generator=generator)
         total = 0.0
         for i in range(steps):
             idx = order[i * tokens_per_step : (i + 1) * tokens_per_step]
-            xb, sb = x[idx], state[idx]
+            xb, sb = x[idx].to(device, torch.float32), state[idx].to(device)
             p = torch.kron(p1.weight, p2.weight)
             target = xb @ w.t()
             xt = (xb @ p) * torch.where(sb[:, None], gate_m, gate_u)

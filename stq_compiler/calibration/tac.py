@@ -89,7 +89,7 @@ class TacStatistics:
         self.channels = channels
         self.group = tac_group_size(channels) if group is None else group
         _check_group(channels, self.group)
-        self.count = 0
+        self._count: dict[str, int] = {}
         self._shift: dict[str, torch.Tensor] = {}
         self._sum: dict[str, torch.Tensor] = {}
         self._outer: dict[str, torch.Tensor] = {}
@@ -97,35 +97,46 @@ class TacStatistics:
     def _blocks(self, z: torch.Tensor, what: str) -> torch.Tensor:
         if z.shape[-1] != self.channels:
             raise ValueError(f"TAC statistics: {what} has {z.shape[-1]} channels, expected {self.channels}")
-        device = self._shift["ref"].device if self._shift else z.device
+        device = next(iter(self._shift.values())).device if self._shift else z.device
         return z.detach().reshape(-1, self.channels).to(device=device, dtype=torch.float64)
 
     def update(self, z_ref: torch.Tensor, z_q: torch.Tensor) -> None:
         """Add tokens: ``z_ref`` and ``z_q`` [..., C], the same tokens with quantizers off / on."""
-        ref, q = self._blocks(z_ref, "z_ref"), self._blocks(z_q, "z_q")
-        if ref.shape != q.shape:
+        if z_ref.shape != z_q.shape:
             raise ValueError(
                 f"TAC statistics: z_ref {tuple(z_ref.shape)} and z_q {tuple(z_q.shape)} must hold the same tokens"
             )
-        if ref.shape[0] == 0:
+        self.add("ref", z_ref)
+        self.add("q", z_q)
+
+    def add(self, key: str, z: torch.Tensor) -> None:
+        """Add tokens to one side (``"ref"`` or ``"q"``): calibration runs the two graphs apart."""
+        if key not in ("ref", "q"):
+            raise ValueError(f"TAC statistics: side must be 'ref' or 'q', got {key!r}")
+        x = self._blocks(z, "z_ref" if key == "ref" else "z_q")
+        if x.shape[0] == 0:
             return
         nb, g = self.channels // self.group, self.group
-        for key, x in (("ref", ref), ("q", q)):
-            if key not in self._shift:
-                self._shift[key] = x.mean(0)
-                self._sum[key] = x.new_zeros(nb, g)
-                self._outer[key] = x.new_zeros(nb, g, g)
-            xb = (x - self._shift[key]).reshape(-1, nb, g)
-            self._sum[key] += xb.sum(0)
-            self._outer[key] += torch.einsum("tbi,tbj->bij", xb, xb)
-        self.count += ref.shape[0]
+        if key not in self._shift:
+            self._shift[key] = x.mean(0)
+            self._sum[key] = x.new_zeros(nb, g)
+            self._outer[key] = x.new_zeros(nb, g, g)
+        xb = (x - self._shift[key]).reshape(-1, nb, g)
+        self._sum[key] += xb.sum(0)
+        self._outer[key] += torch.einsum("tbi,tbj->bij", xb, xb)
+        self._count[key] = self._count.get(key, 0) + x.shape[0]
+
+    @property
+    def count(self) -> int:
+        return self._count.get("ref", 0)
 
     def moments(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block mean [C//g, g] and population covariance [C//g, g, g] of ``"ref"`` or ``"q"``."""
-        if self.count == 0:
-            raise ValueError("TAC statistics: no tokens were collected")
-        mean_shifted = self._sum[key] / self.count
-        cov = self._outer[key] / self.count - mean_shifted.unsqueeze(-1) * mean_shifted.unsqueeze(-2)
+        count = self._count.get(key, 0)
+        if count == 0:
+            raise ValueError(f"TAC statistics: no tokens were collected for {key!r}")
+        mean_shifted = self._sum[key] / count
+        cov = self._outer[key] / count - mean_shifted.unsqueeze(-1) * mean_shifted.unsqueeze(-2)
         mean = mean_shifted + self._shift[key].reshape_as(mean_shifted)
         return mean, (cov + cov.transpose(-1, -2)) / 2
 
