@@ -36,6 +36,9 @@ from stq_compiler.recipe import Recipe, fingerprint_from_model
 from stq_compiler.site_transform import SiteTransform
 
 METHODS = ("rtn", "smoothquant", "quarot", "starquant")
+# SGAT minibatches are drawn as runs of this many consecutive tokens: nearly a token-level
+# shuffle, yet each step copies contiguous rows (activations stay on the CPU).
+SHUFFLE_RUN = 64
 
 
 class CalibrationError(ValueError):
@@ -264,7 +267,7 @@ def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg
         return SiteTransform(fold_norm=fold, smooth=signs, p1=random_hadamard(d1, gen), p2=random_hadamard(d2, gen)), {}
     transform, report = fit_sgat(
         x, state, weights, cfg.w_bits, cfg.a_bits, gates=cfg.sgat, kron=cfg.kron, init=cfg.init, epochs=cfg.epochs, lr=cfg.lr,
-        tokens_per_step=cfg.batch_size * cfg.extra.get("seq_len", 128), generator=gen, fold_norm=fold,
+        tokens_per_step=cfg.batch_size * cfg.extra["seq_len"], sequence=SHUFFLE_RUN, generator=gen, fold_norm=fold,
     )
     return transform, report
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from stq_compiler.calibration.transforms import kronecker_factors, random_hadamard, random_orthogonal
+from stq_compiler.calibration.transforms import kron_apply, kronecker_factors, random_hadamard, random_orthogonal
 from stq_compiler.ops import act_qrange, weight_qmax
 from stq_compiler.site_transform import SiteTransform
 
@@ -102,6 +102,7 @@ def fit_sgat(
     epochs: int = 15,
     lr: float = 1e-3,
     tokens_per_step: int = 4 * 128,
+    sequence: int = 1,
     private_fraction: float = 1 / 32,
     init: str = "hadamard",
     generator: Optional[torch.Generator] = None,
@@ -110,8 +111,9 @@ def fit_sgat(
 ) -> tuple[SiteTransform, dict]:
     """Learn the site's transform from activations ``x`` [T, d] (already divided by the norm scale
     when ``fold_norm``) and the site's folded-so-far weights ``W_j`` [N_j, d]. Training runs on
-    ``device`` (default: the weights'); ``x`` may stay on the CPU, minibatches move. Returns the
-    transform and a small report (first/last epoch loss)."""
+    ``device`` (default: the weights'); ``x`` may stay on the CPU, minibatches move. Minibatches
+    of ``tokens_per_step`` are shuffled in runs of ``sequence`` consecutive tokens, which keeps
+    each step's copy contiguous. Returns the transform and a small report (first/last epoch loss)."""
     d = x.shape[-1]
     device = torch.device(device) if device is not None else weights[0].device
     if init not in ("hadamard", "random"):
@@ -127,24 +129,28 @@ def fit_sgat(
     state = is_masked.reshape(-1).to(x.device)
     if gates:
         with torch.no_grad():
-            p0 = torch.kron(p1.weight, p2.weight).to(x.device)
-            energy = torch.cat([x[i : i + 65536].to(device).float() @ p0.to(device) for i in range(0, x.shape[0], 65536)])
+            a, b = p1.weight.detach(), p2.weight.detach()
+            energy = torch.cat([kron_apply(x[i : i + 65536].to(device).float(), a, b) for i in range(0, x.shape[0], 65536)])
             gate_m, gate_u = gates_by_energy(energy, state.to(device), private_fraction)
     else:
         gate_m, gate_u = torch.ones(d), torch.ones(d)
     gate_m, gate_u = gate_m.to(device), gate_u.to(device)
-    steps = max(1, math.ceil(x.shape[0] / tokens_per_step))
+    unit = sequence if sequence > 0 and x.shape[0] % sequence == 0 else 1
+    xs, ss = x.reshape(-1, unit, d), state.reshape(-1, unit)
+    per_step = max(1, tokens_per_step // unit)
+    steps = max(1, math.ceil(xs.shape[0] / per_step))
     history = []
     for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=generator)
+        order = torch.randperm(xs.shape[0], generator=generator)
         total = 0.0
         for i in range(steps):
-            idx = order[i * tokens_per_step : (i + 1) * tokens_per_step]
-            xb, sb = x[idx].to(device, torch.float32), state[idx].to(device)
-            p = torch.kron(p1.weight, p2.weight)
+            idx = order[i * per_step : (i + 1) * per_step]
+            xb = xs[idx].reshape(-1, d).to(device, torch.float32, non_blocking=True)
+            sb = ss[idx].reshape(-1).to(device)
+            a, b = p1.weight, p2.weight  # x P and W P as P1ᵀ X P2 (never forming the d × d product)
             target = xb @ w.t()
-            xt = (xb @ p) * torch.where(sb[:, None], gate_m, gate_u)
-            out = fake_quant_activation(xt, a_bits) @ fake_quant_weight(w @ p, w_bits).t()
+            xt = kron_apply(xb, a, b) * torch.where(sb[:, None], gate_m, gate_u)
+            out = fake_quant_activation(xt, a_bits) @ fake_quant_weight(kron_apply(w, a, b), w_bits).t()
             loss = (target - out).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
             optimizer.zero_grad()
             loss.backward()
