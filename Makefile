@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # One Inductor cache for every compiled test: a cold CPU compile costs ~20 s.
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test test-thorough test-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not cuda"
+
+# The property tests (tests/properties) with the "thorough" hypothesis profile: 200 examples per
+# test (more for single ops) instead of CI's few. Slow: about 13 minutes on 2 cores.
+test-thorough: setup
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q tests/properties
 
 # On a machine with a CUDA GPU (its own torch): the Triton kernels against the reference ops.
 test-gpu:

@@ -175,7 +175,8 @@ def quantized_linear_reference(
     k = xq.shape[-1]
     x2 = xq.reshape(-1, k)
     if x2.device.type == "cpu":
-        acc = torch._int_mm(x2, wq.t())
+        # a [N, 1] weight transposed has strides (1, 1), which _int_mm misreads; reshape is exact
+        acc = torch._int_mm(x2, wq.reshape(1, -1) if k == 1 else wq.t())
     else:
         # CUDA's _int_mm wants M > 16 and K, N multiples of 8, and has no int64 matmul; float64
         # products and sums of int8 codes are exact (|acc| < 2**53).

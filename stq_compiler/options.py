@@ -6,6 +6,8 @@ compile a silently different model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -47,6 +49,26 @@ class BackendOptions:
     @property
     def quantize(self) -> bool:
         return self.w_bits < 16
+
+    def cache_key(self) -> str:
+        """SHA-256 (hex) of everything in these options that decides the compiled graph.
+
+        The recipe enters as ``Recipe.digest()`` (what it does, not who made it or where it lies);
+        ``debug_dir`` is left out: where graphs are dumped changes no compiled code. Equal options
+        give equal keys; a different recipe (tensor, bits, mask id, method options) or any other
+        option gives a different one. Versions of torch and of this package are not in the key: a
+        cache kept across upgrades must add them.
+        """
+        from stq_compiler.recipe import Recipe
+
+        recipe = self.recipe
+        if recipe is not None and not isinstance(recipe, Recipe):
+            recipe = Recipe.load(recipe)  # options built directly, not through from_dict
+        content = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "debug_dir"}
+        content["recipe"] = recipe.digest() if recipe is not None else None
+        # default=repr: Inductor config values that JSON cannot hold (stable within a process)
+        text = json.dumps({"stq_backend_options": 1, **content}, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "BackendOptions":

@@ -6,6 +6,28 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().pa
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE: "ci" (the default) keeps the property tests
+# (tests/properties) to a few examples each and reports a failure as found (shrinking re-captures
+# a model per step: minutes); "thorough" (make test-thorough) runs 200 and shrinks. Tests that set
+# max_examples themselves keep their own count under either.
+settings.register_profile(
+    "ci",
+    max_examples=6,
+    deadline=None,
+    derandomize=False,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(factor: float) -> settings:
+    """``@examples(5)``: a property test that runs ``factor`` times the profile's example count
+    (cheap tests, e.g. of single ops, can afford many more than tests that capture a model)."""
+    return settings(max_examples=max(1, round(settings.default.max_examples * factor)))
 
 ARCHS = ("llada", "dream", "llama", "qwen2")
 
