@@ -1,6 +1,10 @@
-"""The pass pipeline: analyse a captured graph, run the passes in order, dump each step on request.
+"""The pass pipeline: analyse a captured graph, run the passes in order, record each step.
 
-Shared by the backend (``torch.compile``) and by inspection tools, so both see the same passes.
+Shared by the backend (``torch.compile``) and by ``stq inspect``, so both see the same passes.
+Around each pass the pipeline measures what changed (nodes added and removed, bytes of the
+buffers the pass registered, time) into the pass's ``PassReport.details``, logs it (logger
+``stq_compiler.pipeline``, see ``stq_compiler.logs``), and hands the graph to an
+``inspect.ArtifactWriter`` (the backend's ``debug_dir``; ``stq inspect --dump``).
 """
 
 from __future__ import annotations
@@ -8,13 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
+from stq_compiler import logs  # noqa: F401  (applies STQ_LOGS once, on import of stq_compiler)
 from stq_compiler.analysis import GraphAnalysis, analyze, norm_scale_feeding
+from stq_compiler.inspect import ArtifactWriter, format_table, pass_row
 from stq_compiler.ops import QuantizedWeight
 from stq_compiler.options import BackendOptions
 from stq_compiler.passes import PassReport, count_nodes
@@ -22,35 +27,7 @@ from stq_compiler.passes.quantize_linears import eligible, quantize_linears, sit
 from stq_compiler.passes.token_state import insert_token_state
 from stq_compiler.site_transform import SiteTransform
 
-log = logging.getLogger("stq_compiler")
-
-
-@dataclass
-class PipelineResult:
-    gm: fx.GraphModule
-    analysis: GraphAnalysis
-    reports: list[PassReport] = field(default_factory=list)
-
-
-class _Dumper:
-    """Writes the readable graph after each pass to ``debug_dir/graph_<n>/<k>_<pass>.py``."""
-
-    def __init__(self, debug_dir: Optional[str]):
-        self.root = None
-        if debug_dir:
-            base = Path(debug_dir)
-            base.mkdir(parents=True, exist_ok=True)
-            n = len(list(base.glob("graph_*")))
-            self.root = base / f"graph_{n}"
-            self.root.mkdir()
-        self.step = 0
-
-    def __call__(self, gm: fx.GraphModule, name: str, extra: str = "") -> None:
-        if self.root is None:
-            return
-        text = gm.print_readable(print_output=False)
-        (self.root / f"{self.step:02d}_{name}.py").write_text(extra + text)
-        self.step += 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,6 +41,14 @@ class RecipePlan:
     @property
     def needs_state(self) -> bool:
         return any(t.has_gates for t in self.transforms.values())
+
+
+@dataclass
+class PipelineResult:
+    gm: fx.GraphModule
+    analysis: GraphAnalysis
+    reports: list[PassReport] = field(default_factory=list)
+    plan: RecipePlan = field(default_factory=RecipePlan)
 
 
 def plan_from_recipe(recipe, analysis: GraphAnalysis, quantize_head: bool) -> RecipePlan:
@@ -100,18 +85,85 @@ def plan_from_recipe(recipe, analysis: GraphAnalysis, quantize_head: bool) -> Re
     return plan
 
 
-def run_passes(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> PipelineResult:
-    dump = _Dumper(opts.debug_dir)
+def _buffer_bytes(gm: fx.GraphModule) -> dict[str, int]:
+    return {name: b.numel() * b.element_size() for name, b in gm.named_buffers()}
+
+
+class _Steps:
+    """Runs the passes of one graph: measures, logs and records each one."""
+
+    def __init__(self, result: PipelineResult, writer: ArtifactWriter):
+        self.result, self.writer = result, writer
+
+    def captured(self, seconds: float) -> None:
+        gm, analysis = self.result.gm, self.result.analysis
+        n = count_nodes(gm)
+        details = {
+            "summary": analysis.summary(),
+            "linears_found": len(analysis.linears),
+            "sites": len(analysis.sites),
+            "nodes_added": n,
+            "nodes_removed": 0,
+            "folded_bytes": 0,
+            "seconds": seconds,
+        }
+        self.result.reports.append(PassReport("capture", 0, n, details))
+        log.info("starquant: captured graph: %s", analysis.summary())
+        self.writer.after_pass(gm, self.result.reports, header=f"# {analysis.summary()}\n")
+
+    def run(self, run_pass: Callable, *args, **kwargs) -> PassReport:
+        """``run_pass(gm, *args, **kwargs) -> (gm, report)`` on the current graph."""
+        gm = self.result.gm
+        nodes, buffers = set(gm.graph.nodes), _buffer_bytes(gm)
+        start = time.perf_counter()
+        gm, report = run_pass(gm, *args, **kwargs)
+        seconds = time.perf_counter() - start
+        after = set(gm.graph.nodes)
+        report.details.update(
+            nodes_added=len(after - nodes),
+            nodes_removed=len(nodes - after),
+            folded_bytes=sum(n for name, n in _buffer_bytes(gm).items() if name not in buffers),
+            seconds=seconds,
+        )
+        self.result.gm = gm
+        self.result.reports.append(report)
+        d = report.details
+        counts = ", ".join(f"{k} {d[k]}" for k in ("linears_quantized", "sites", "state_consumers", "tac_nodes") if k in d)
+        log.info(
+            "starquant: %s: +%d -%d nodes (%d now)%s, %d bytes folded, %.1f ms",
+            report.name, d["nodes_added"], d["nodes_removed"], report.nodes_after,
+            f", {counts}" if counts else "", d["folded_bytes"], seconds * 1e3,
+        )
+        self.writer.after_pass(gm, self.result.reports)
+        return report
+
+
+def _log_sites(analysis: GraphAnalysis, plan: RecipePlan, opts: BackendOptions) -> None:
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for site in analysis.sites:
+        chosen = [lin for lin in site.linears if opts.quantize and eligible(lin, opts.quantize_head)]
+        transform = plan.transforms.get(site_key(site))
+        how = f"W{opts.w_bits}A{opts.a_bits} {'recipe transform' if transform else 'rtn'}" if chosen else "16-bit"
+        log.debug("starquant: site %s (%s): %d linear(s), %s", site.name, site.role, len(site.linears), how)
+
+
+def run_passes(
+    gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, writer: Optional[ArtifactWriter] = None
+) -> PipelineResult:
+    """Analyse ``gm`` and run the passes ``opts`` asks for; ``writer`` (default: one for
+    ``opts.debug_dir``) records each step."""
+    if writer is None:
+        writer = ArtifactWriter(opts.debug_dir)
     start = time.perf_counter()
     analysis = analyze(gm, example_inputs)
     result = PipelineResult(gm, analysis)
-    captured = PassReport("capture", count_nodes(gm), count_nodes(gm), {"summary": analysis.summary()})
-    captured.details["seconds"] = time.perf_counter() - start
-    result.reports.append(captured)
-    log.info("starquant: captured graph: %s", analysis.summary())
-    dump(gm, "captured", f"# {analysis.summary()}\n")
+    steps = _Steps(result, writer)
+    steps.captured(time.perf_counter() - start)
 
     plan = plan_from_recipe(opts.recipe, analysis, opts.quantize_head) if opts.recipe is not None else RecipePlan()
+    result.plan = plan
+    _log_sites(analysis, plan, opts)
     if plan.needs_state and opts.token_state == "off":
         raise ValueError("starquant: the recipe gates activations by token state; token_state='off' contradicts it")
     state = None
@@ -119,30 +171,18 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -
         opts.token_state == "auto" and opts.mask_token_id is not None and analysis.state_source is not None
     )
     if wants_state:
-        start = time.perf_counter()
-        gm, report = insert_token_state(gm, analysis.state_source, opts.mask_token_id)
-        report.details["seconds"] = time.perf_counter() - start
-        state = gm.meta["stq_token_state"]
-        result.reports.append(report)
-        dump(gm, report.name)
+        steps.run(insert_token_state, analysis.state_source, opts.mask_token_id)
+        state = result.gm.meta["stq_token_state"]
 
     if plan.tac:
         from stq_compiler.passes.tac import insert_tac
 
-        start = time.perf_counter()
-        gm, report = insert_tac(gm, analysis, plan.tac)
-        report.details["seconds"] = time.perf_counter() - start
-        result.reports.append(report)
-        dump(gm, report.name)
+        steps.run(insert_tac, analysis, plan.tac)
 
     if opts.quantize:
-        start = time.perf_counter()
-        gm, report = quantize_linears(
-            gm, analysis, opts.w_bits, opts.a_bits, state, opts.quantize_head, plan.transforms, plan.weights
+        steps.run(
+            quantize_linears, analysis, opts.w_bits, opts.a_bits, state, opts.quantize_head, plan.transforms, plan.weights
         )
-        report.details["seconds"] = time.perf_counter() - start
-        result.reports.append(report)
-        log.info("starquant: %s", report.details)
-        dump(gm, report.name)
-    result.gm = gm
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("starquant: passes of this graph:\n%s", format_table([pass_row(r) for r in result.reports]))
     return result
