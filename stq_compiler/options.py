@@ -31,7 +31,8 @@ class BackendOptions:
     * ``token_state``: ``"auto"`` inserts the state when a mask id and an ``input_ids`` input are
       there; ``"required"`` refuses a graph without them; ``"off"`` never inserts it.
     * ``quantize_head``: also quantize the LM head (off by default, as in the paper).
-    * ``debug_dir``: write the readable graph after each pass here (or set ``STQ_DEBUG_DIR``).
+    * ``debug_dir``: write, per pass, the readable graph, a diff, graph exports and the pass table
+      here (or set ``STQ_DEBUG_DIR``), as ``stq inspect --dump`` does.
     * ``inductor``: hand the rewritten graph to Inductor (default); ``False`` runs it as FX code.
     * ``inductor_config``: extra Inductor config patches.
     """
