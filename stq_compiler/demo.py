@@ -1,8 +1,9 @@
 """``make demo``: quantize a small LLaDA-architecture model with the starquant backend and compare.
 
 Builds a small random-init LLaDA (the bundled trained model arrives later), compiles it with
-``backend="starquant"`` at W8A8 and W4A4 (round-to-nearest, no recipe), runs the diffusion
-sampler with each, and prints how closely each agrees with the float model.
+``backend="starquant"`` at W8A8 and W4A4 round-to-nearest, and at W4A4 with QuaRot and
+STaR-Quant recipes calibrated on random token sequences, runs the diffusion sampler with each,
+and prints how closely each agrees with the float model.
 
     python -m stq_compiler.demo [--layers 4] [--d-model 256] [--gen-length 32] [--steps 32]
 """
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+from stq_compiler.calibration.calibrate import calibrate
 from stq_compiler.models import build_tiny
 from stq_compiler.sampling import generate
 
@@ -37,6 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=16)
+    parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -63,10 +66,21 @@ def main(argv=None) -> None:
         reference_logits = _logits(model(probe))
     reference = generate(model, prompts, **sample)
 
+    calibration_ids = torch.randint(0, args.vocab - 1, (args.calibration_sequences, args.prompt_length + args.gen_length))
+    runs = [
+        ("float (starquant, quantization off)", {"w_bits": 16, "a_bits": 16, "mask_token_id": mask_id}),
+        ("W8A8 RTN", {"w_bits": 8, "a_bits": 8, "mask_token_id": mask_id}),
+        ("W4A4 RTN", {"w_bits": 4, "a_bits": 4, "mask_token_id": mask_id}),
+    ]
+    for method, label in (("quarot", "W4A4 QuaRot"), ("starquant", "W4A4 STaR-Quant (SGAT + TAC)")):
+        start = time.perf_counter()
+        recipe = calibrate(model, calibration_ids, method, 4, 4, seed=args.seed)
+        print(f"calibrated {method} in {time.perf_counter() - start:.1f} s")
+        runs.append((label, {"recipe": recipe}))
+
     rows = []
-    for w_bits, a_bits in ((16, 16), (8, 8), (4, 4)):
+    for name, options in runs:
         torch._dynamo.reset()
-        options = {"w_bits": w_bits, "a_bits": a_bits, "mask_token_id": mask_id}
         compiled = torch.compile(model, backend="starquant", options=options)
         start = time.perf_counter()
         with torch.no_grad():
@@ -78,7 +92,6 @@ def main(argv=None) -> None:
         generated = out[:, args.prompt_length :]
         agree = (generated == reference[:, args.prompt_length :]).float().mean().item()
         top1 = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
-        name = "float (starquant, quantization off)" if w_bits == 16 else f"W{w_bits}A{a_bits} RTN"
         rows.append((name, sqnr_db(reference_logits, logits), top1, agree, compile_s, gen_s))
 
     print(f"\nsampler: {args.prompts} prompts x {args.prompt_length} tokens, gen_length {args.gen_length}, steps {args.steps}, block_length {args.block_length}, greedy")
