@@ -86,13 +86,14 @@ def bind_tensors(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, Tens
             bindings[node] = TensorBinding(node, fqn, value, isinstance(value, torch.nn.Parameter) or "._parameters[" in source)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _get_attr(gm, node.target)
+            value = get_attr_value(gm, node.target)
             if isinstance(value, torch.Tensor):
                 bindings[node] = TensorBinding(node, node.target, value, isinstance(value, torch.nn.Parameter))
     return bindings
 
 
-def _get_attr(gm: fx.GraphModule, target: str):
+def get_attr_value(gm: fx.GraphModule, target: str):
+    """The object a ``get_attr`` target names on ``gm`` (None when it is missing)."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part, None)

@@ -33,7 +33,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from stq_compiler.capture import bind_tensors
+from stq_compiler.capture import bind_tensors, get_attr_value
 from stq_compiler.passes.quantize_linears import buffer_name
 from stq_compiler.passes.token_state import STATE_META_KEY
 
@@ -261,7 +261,7 @@ def _quantized_weights(gm: fx.GraphModule, example_inputs: Optional[list]) -> li
             readers.setdefault(arg.target, []).append(node.name)
             if fqn and not arg.target.startswith(buffer_name(fqn, "w")):
                 problems.append(f"quantized weight: {node.name} ({fqn}) reads {what} buffer {arg.target}, which belongs to another weight")
-            value = _attr(gm, arg.target)
+            value = get_attr_value(gm, arg.target)
             if not isinstance(value, torch.Tensor):
                 problems.append(f"quantized weight: {node.name} reads {arg.target}, which is no tensor of the module")
             else:
@@ -300,15 +300,6 @@ def _float_weights(gm: fx.GraphModule, example_inputs: list) -> dict[str, torch.
         return {b.fqn: b.tensor for b in bind_tensors(gm, example_inputs).values()}
     except Exception:
         return {}
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
