@@ -1,6 +1,5 @@
 """The starquant backend end to end: registration, exactness when off, RTN quality, errors, breaks."""
 
-import os
 import subprocess
 import sys
 

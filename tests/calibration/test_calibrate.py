@@ -7,7 +7,6 @@ from stq_compiler.backend import StarQuant
 from stq_compiler.calibration.calibrate import CalibrationError, calibrate
 from stq_compiler.calibration.sgat import private_count
 from stq_compiler.passes.quantize_linears import quantize_linears
-from stq_compiler.passes.token_state import insert_token_state
 from stq_compiler.analysis import analyze
 from stq_compiler.pipeline import plan_from_recipe
 from stq_compiler.recipe import Recipe, RecipeError, RecipeMismatchError

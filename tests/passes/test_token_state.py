@@ -5,7 +5,7 @@ import torch
 
 from stq_compiler.analysis import analyze
 from stq_compiler.passes.token_state import TokenStateError, insert_token_state
-from tests.conftest import capture_graphs, logits_of, tiny_model
+from tests.conftest import capture_graphs, tiny_model
 
 
 def test_one_state_node_and_function_unchanged():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 import torch.fx as fx
 from hypothesis import given, strategies as st

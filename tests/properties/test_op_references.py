@@ -12,7 +12,6 @@ against the float32 forward error bound of their sums, and the TAC map for exact
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, strategies as st
 
