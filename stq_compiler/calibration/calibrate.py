@@ -204,13 +204,19 @@ class _Graph:
         seen = {}
         for i, (key, node) in enumerate(nodes.items()):
             store: list = []
-            observer = _Observer(sinks[key] if sinks else lambda x, store=store: store.append(x.float().cpu()))
+            observer = _Observer(sinks[key] if sinks else lambda x, store=store: store.append(_to_host(x)))
             self.gm.add_submodule(f"stq_observer_{i}", observer)
             with self.gm.graph.inserting_after(node):
                 self.gm.graph.call_module(f"stq_observer_{i}", (node,))
             seen[key] = store
         self.gm.recompile()
         return seen
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """An observed activation kept on the CPU in its own dtype (bf16 stays bf16: half the bytes of
+    float32 to hold, and to move back to the GPU for training)."""
+    return x.detach().cpu()
 
 
 class _Observer(torch.nn.Module):

@@ -139,13 +139,22 @@ def fit_sgat(
     xs, ss = x.reshape(-1, unit, d), state.reshape(-1, unit)
     per_step = max(1, tokens_per_step // unit)
     steps = max(1, math.ceil(xs.shape[0] / per_step))
+    # Host-held activations reach the GPU through one pinned staging buffer (pageable copies are
+    # several times slower, and they are most of a step's time at 8B sizes).
+    staging = None
+    if device.type == "cuda" and xs.device.type == "cpu":
+        staging = torch.empty((per_step, unit, d), dtype=xs.dtype).pin_memory()
     history = []
     for _ in range(epochs):
         order = torch.randperm(xs.shape[0], generator=generator)
         total = 0.0
         for i in range(steps):
             idx = order[i * per_step : (i + 1) * per_step]
-            xb = xs[idx].reshape(-1, d).to(device, torch.float32, non_blocking=True)
+            if staging is not None:
+                chunk = torch.index_select(xs, 0, idx, out=staging[: len(idx)])
+            else:
+                chunk = xs[idx]
+            xb = chunk.reshape(-1, d).to(device).float()
             sb = ss[idx].reshape(-1).to(device)
             a, b = p1.weight, p2.weight  # x P and W P as P1ᵀ X P2 (never forming the d × d product)
             target = xb @ w.t()
