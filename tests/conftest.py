@@ -45,6 +45,17 @@ class GraphRecorder:
         return gm.forward
 
 
+class EmbedsOnly(torch.nn.Module):
+    """A model called with embeddings, not token ids: it has no token-state source."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, inputs_embeds):
+        return self.proj(inputs_embeds)
+
+
 def capture_graphs(model, *args):
     torch._dynamo.reset()
     recorder = GraphRecorder()

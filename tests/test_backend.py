@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from stq_compiler.backend import StarQuant
-from tests.conftest import ARCHS, logits_of, sqnr_db, tiny_model
+from tests.conftest import ARCHS, EmbedsOnly, logits_of, sqnr_db, tiny_model
 
 
 def _count_ops(gm):
@@ -88,14 +88,6 @@ def test_bad_options_fail_clearly(options, error, match):
 
 
 def test_required_state_without_input_ids_fails_clearly():
-    class EmbedsOnly(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, inputs_embeds):
-            return self.proj(inputs_embeds)
-
     compiled = torch.compile(EmbedsOnly(), backend="starquant", options={"token_state": "required", "mask_token_id": 5, "inductor": False})
     with pytest.raises(Exception, match="no token-state source"):
         compiled(torch.randn(2, 3, 8))

@@ -1,10 +1,9 @@
 """Capture: parameter binding by fully qualified name, and the token-state source."""
 
 import torch
-import torch.nn as nn
 
 from stq_compiler.capture import bind_tensors, find_token_state_source, fqn_from_source
-from tests.conftest import ARCHS, capture_graphs, tiny_model
+from tests.conftest import ARCHS, EmbedsOnly, capture_graphs, tiny_model
 
 
 def test_fqn_from_dynamo_sources():
@@ -30,13 +29,5 @@ def test_every_parameter_is_bound_to_its_name_and_tensor():
 
 
 def test_no_state_source_without_input_ids():
-    class EmbedsOnly(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, inputs_embeds):
-            return self.proj(inputs_embeds)
-
     (gm, inputs), = capture_graphs(EmbedsOnly(), torch.randn(2, 3, 8))
     assert find_token_state_source(gm, inputs) is None
