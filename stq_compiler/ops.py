@@ -85,6 +85,12 @@ def quantize_weight(w: torch.Tensor, bits: int) -> QuantizedWeight:
 # Activations
 
 
+def state_gate(is_masked: torch.Tensor, gate_masked: torch.Tensor, gate_unmasked: torch.Tensor, shape) -> torch.Tensor:
+    """The per-token gate row: ``gate_masked`` for masked tokens, ``gate_unmasked`` for the rest."""
+    state = is_masked.reshape(*shape[:-1], 1)
+    return torch.where(state, gate_masked.float(), gate_unmasked.float())
+
+
 def quantize_per_token_reference(
     x: torch.Tensor,
     bits: int,
@@ -96,8 +102,7 @@ def quantize_per_token_reference(
     qmin, qmax = act_qrange(bits)
     xf = x.float()
     if gate_masked is not None:
-        gate = torch.where(is_masked.reshape(*x.shape[:-1], 1), gate_masked.float(), gate_unmasked.float())
-        xf = xf * gate
+        xf = xf * state_gate(is_masked, gate_masked, gate_unmasked, x.shape)
     lo = torch.clamp(xf.amin(dim=-1, keepdim=True), max=0.0)
     hi = torch.clamp(xf.amax(dim=-1, keepdim=True), min=0.0)
     # Divide by a tensor: CUDA turns division by a Python float into a reciprocal multiply.

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from stq_compiler.calibration.transforms import kron_apply
-from stq_compiler.ops import kron_transform_reference
+from stq_compiler.ops import kron_transform_reference, state_gate
 
 
 @dataclass
@@ -92,10 +92,3 @@ class SiteTransform:
         if unknown:
             raise ValueError(f"unknown site transform tensors {sorted(unknown)}")
         return cls(fold_norm=fold_norm, **tensors)
-
-
-def state_gate(is_masked: torch.Tensor, gate_masked: torch.Tensor, gate_unmasked: torch.Tensor, shape) -> torch.Tensor:
-    """The per-token gate row: ``gate_masked`` for masked tokens, ``gate_unmasked`` for the rest."""
-    state = is_masked.reshape(*shape[:-1], 1)
-    return torch.where(state, gate_masked.float(), gate_unmasked.float())
-

@@ -69,7 +69,7 @@ class CalibrationConfig:
     extra: dict = field(default_factory=dict)
 
     def recipe_options(self) -> dict:
-        options = {"gptq": self.gptq, "fold_norm": self.method in ("quarot", "starquant") or self.method == "smoothquant"}
+        options = {"gptq": self.gptq, "fold_norm": self.method != "rtn"}
         if self.method == "starquant":
             options.update(sgat=self.sgat, tac=self.tac, kron=self.kron, init=self.init, epochs=self.epochs, lr=self.lr)
         if self.method == "smoothquant":
