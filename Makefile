@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch that lies on this kind of machine's disk, and the Triton that matches it.
 	$(PY) -m pip install -q torch==2.13.0 triton==3.7.1
 	$(PY) -m pip install -q -e '.[dev]'
+	# gensim only for the Wikipedia articles in its test data; none of its dependencies are needed.
+	$(PY) -m pip install -q --no-deps gensim
 	touch $@
 
 setup: $(VENV)/.installed

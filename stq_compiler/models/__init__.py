@@ -2,6 +2,7 @@
 (transformers' Qwen2, bidirectional, shifted logits), transformers' Llama/Qwen2 made bidirectional,
 and loading/saving local safetensors checkpoints of all of them."""
 
+from stq_compiler.models.bundled import DEFAULT_MODEL, bundled_names, load_tokenizer
 from stq_compiler.models.checkpoint import (
     CheckpointError,
     build,
@@ -26,6 +27,9 @@ from stq_compiler.models.llada import (
 )
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "bundled_names",
+    "load_tokenizer",
     "CheckpointError",
     "build",
     "build_tiny",

@@ -282,15 +282,18 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a diffusion LLM from a local checkpoint directory, in eval mode.
+    """Load a diffusion LLM from a local checkpoint directory, or a bundled model by name
+    (``load("stq-tiny-llada")``), in eval mode.
 
     dtype: cast floating tensors to it (None keeps the file's dtypes). device: where the tensors
     are read to. Raises CheckpointError naming the problem: missing config.json, unknown
     architecture, missing/unexpected tensors, shape mismatches, unreadable safetensors files.
     """
-    path = Path(path)
+    from stq_compiler.models.bundled import bundled_names, resolve
+
+    path = resolve(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        raise CheckpointError(f"checkpoint directory {path} does not exist (bundled models: {', '.join(bundled_names()) or 'none'})")
     raw = read_config(path)
     arch = detect_architecture(raw)
     try:
