@@ -15,6 +15,8 @@ model compiles once. Follows `generate.py` of ML-GSAI/LLaDA (without classifier-
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -103,13 +105,15 @@ def generate(
     shift_logits: bool | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    on_step: Callable[[int, torch.Tensor, object], None] | None = None,
 ) -> torch.Tensor:
     """Generate `gen_length` tokens after `prompt_ids` [B, P]; returns [B, P + gen_length] long.
 
     mask_token_id and shift_logits default to `model.config`'s (shift_logits: Dream's one-position
     logit shift, off when the config does not say). `model(x)` may return logits or an object
     with `.logits`, [B, L, vocab]. The sequence lives on prompt_ids' device; `generator` drives
-    the Gumbel noise and "random" remasking.
+    the Gumbel noise and "random" remasking. `on_step(step, x, output)`, if given, sees every
+    step's input and the model's raw output (e.g. to follow hidden states along the trajectory).
     """
     _validate(prompt_ids, gen_length, steps, block_length, temperature, remasking)
     if mask_token_id is None:
@@ -137,7 +141,10 @@ def generate(
         transfer_counts = num_transfer_tokens(x[:, block_start:block_end] == mask_token_id, steps_per_block)
         for step in range(steps_per_block):
             masked = x == mask_token_id
-            logits = _logits_of(model(x))
+            output = model(x)
+            if on_step is not None:
+                on_step(block * steps_per_block + step, x, output)
+            logits = _logits_of(output)
             if logits.dim() != 3 or logits.shape[:2] != x.shape:
                 raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for input {tuple(x.shape)}")
             if shift_logits:  # Dream: output i-1 predicts token i

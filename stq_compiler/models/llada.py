@@ -297,7 +297,10 @@ class LLaDAModel(nn.Module):
             modules["ff_out"] = nn.Linear(config.d_model, config.effective_embedding_size, bias=False)
         self.transformer = nn.ModuleDict(modules)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, L, vocab]; with ``output_hidden_states`` also the LM head's input (after ln_f)."""
         cfg = self.config
         x = self.transformer["wte"](input_ids)
         cos, sin = rotary_cos_sin(
@@ -318,7 +321,7 @@ class LLaDAModel(nn.Module):
             logits = self.transformer["ff_out"](x)
         if cfg.effective_embedding_size != cfg.vocab_size:
             logits = logits[..., : cfg.vocab_size]
-        return logits
+        return (logits, x) if output_hidden_states else logits
 
 
 class LLaDAModelLM(nn.Module):
@@ -339,8 +342,15 @@ class LLaDAModelLM(nn.Module):
             elif isinstance(module, LLaDARMSNorm):
                 module.weight.fill_(1.0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
-        return CausalLMOutput(logits=self.model(input_ids, attention_mask))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> CausalLMOutput:
+        """``.logits``; with ``output_hidden_states``, ``.hidden_states = (final,)``: the normed
+        last hidden state the LM head reads (the official model returns every layer's)."""
+        if not output_hidden_states:
+            return CausalLMOutput(logits=self.model(input_ids, attention_mask))
+        logits, hidden = self.model(input_ids, attention_mask, output_hidden_states=True)
+        return CausalLMOutput(logits=logits, hidden_states=(hidden,))
 
 
 def count_parameters(config: LLaDAConfig) -> int:
