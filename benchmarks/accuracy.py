@@ -80,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float16 on a GPU, float32 on the CPU by default")
     p.add_argument("--inductor", action="store_true", help="lower through Inductor (default: run the rewritten graph as is; same ops)")
+    p.add_argument("--tokens", type=Path, default=None, help="read the splits' token ids from `training prepare`'s tokens.safetensors")
     p.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     p.add_argument("--save-recipes", type=Path, default=None, help="write each calibrated recipe here")
     p.add_argument("--tiny", action="store_true", help="a small slice end to end: rtn and starquant at W4A4, few windows and prompts, 1 epoch")
@@ -107,16 +108,28 @@ class Data:
         self.windows, self.prompts, self.unigram = {}, {}, {}
         calibration = []
         length = args.prompt_length + args.gen_length
+        streams = _prepared_streams(args.tokens) if args.tokens else None
+
+        def stream(corpus, split):
+            return streams[f"{corpus}.{split}"] if streams else token_stream(tokenizer, texts(corpus, split))
+
         for corpus in args.corpora:
-            train = token_stream(tokenizer, texts(corpus, "train"))
-            held = token_stream(tokenizer, texts(corpus, "heldout"))
+            train, held = stream(corpus, "train"), stream(corpus, "heldout")
             self.windows[corpus] = windows(held, args.window_length, args.windows)
             # prompts from the other end of the held-out stream than most windows: distinct text
             self.prompts[corpus] = windows(held.flip(0), length, args.prompts).flip(1)[:, : args.prompt_length].contiguous()
             self.unigram[corpus] = unigram_perplexity(train, held, tokenizer.vocab_size)
             share = max(1, args.calibration_sequences // len(args.corpora))
-            calibration.append(windows(token_stream(tokenizer, texts(corpus, "calibration")), args.window_length, share))
+            calibration.append(windows(stream(corpus, "calibration"), args.window_length, share))
         self.calibration = torch.cat(calibration)
+
+
+def _prepared_streams(path: Path) -> dict[str, torch.Tensor]:
+    """Token streams written by ``python -m stq_compiler.training prepare`` (for machines without
+    the corpus packages); they equal ``token_stream`` of the same splits with the same tokenizer."""
+    from safetensors.torch import load_file
+
+    return {k: v.long() for k, v in load_file(str(path)).items()}
 
 
 def measure(model, data: Data, args, mask_id: int, reference: dict | None) -> tuple[dict, dict]:
@@ -139,7 +152,7 @@ def measure(model, data: Data, args, mask_id: int, reference: dict | None) -> tu
 
 def write(out: Path, header: dict, records: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**header, "records": records}, indent=1) + "\n")
+    out.write_text(json.dumps({**header, "records": records}, indent=1, default=str) + "\n")
 
 
 def to_records(method: str, setting: str, metrics: dict, extra: dict) -> list[dict]:
