@@ -7,9 +7,12 @@ Two corpora, both extracted at run time (no corpus text is in the repository):
 * ``wiki``: the English Wikipedia articles in ``gensim``'s test data
   (``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``), located through the
   installed distribution's file list so none of gensim's own dependencies are needed. Redirects and
-  non-article namespaces are dropped; markup is removed with ``mwparserfromhell`` (references,
-  tables, files and categories go entirely, links keep their text), and the trailing reference
-  sections ("See also", "References", ...) are cut.
+  non-article namespaces are dropped; markup is removed with ``mwparserfromhell``: top-level
+  ``<ref>``, table, gallery and math tags, and file and category links, go entirely; other links
+  keep their text; headings become plain lines. The extraction the bundled model was trained on
+  keeps the text of the trailing sections ("References", "External links", ...) and a dozen
+  references nested in templates; changing it changes the training data, so it changes only with
+  a retrained model.
 
 Each corpus is split into train / calibration / held-out by whole documents, deterministically:
 documents are ordered by the SHA-256 of their name and dealt into held-out until it holds
@@ -38,8 +41,6 @@ WIKI_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p
 # Share of each corpus's characters in the held-out and calibration splits.
 HELDOUT_SHARE = 0.10
 CALIBRATION_SHARE = 0.05
-# Sections after which a Wikipedia article is only lists of links and citations.
-_TRAILING_SECTIONS = ("see also", "references", "notes", "footnotes", "external links", "further reading", "bibliography", "sources", "citations")
 _DROPPED_LINK_PREFIXES = ("file:", "image:", "category:", "media:")
 
 
@@ -94,7 +95,7 @@ def kjv_documents(path: Path | None = None) -> list[Document]:
 
 
 def strip_wikitext(wikitext: str) -> str:
-    """Plain prose from an article's wikitext (see the module docstring for what is dropped)."""
+    """Plain text from an article's wikitext (see the module docstring for what is dropped)."""
     import mwparserfromhell
 
     code = mwparserfromhell.parse(wikitext)
@@ -106,11 +107,6 @@ def strip_wikitext(wikitext: str) -> str:
     lines = []
     for line in code.strip_code(normalize=True, collapse=True, keep_template_params=False).splitlines():
         line = line.strip()
-        heading = re.fullmatch(r"=+\s*(.*?)\s*=+", line)
-        if heading:
-            if heading.group(1).lower() in _TRAILING_SECTIONS:
-                break
-            continue  # headings carry no prose
         if line.startswith(("{|", "|", "!")) or not re.search(r"[A-Za-z]", line):
             continue  # table debris the parser left, or lines without words
         lines.append(re.sub(r"\s+", " ", line))

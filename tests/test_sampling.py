@@ -219,3 +219,18 @@ def test_compiled_model_compiles_once():
     out = generate(compiled, prompt, gen_length=8, steps=4, block_length=4)
     assert len(graphs) == 1
     assert torch.equal(out, generate(model, prompt, gen_length=8, steps=4, block_length=4))
+
+
+def test_on_step_sees_every_step_input_and_output():
+    torch.manual_seed(0)
+    model = build_tiny("llada").eval()
+    mask_id = model.config.mask_token_id
+    prompt = torch.randint(0, mask_id, (1, 3))
+    seen = []
+    out = generate(model, prompt, gen_length=8, steps=4, block_length=4, on_step=lambda s, x, o: seen.append((s, x.clone(), o.logits)))
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3]
+    assert (seen[0][1][:, 3:] == mask_id).all()  # the first step sees only masks after the prompt
+    assert all(logits.shape == (1, 11, model.config.vocab_size) for _, _, logits in seen)
+    # each step's input is the previous input with exactly two more committed tokens
+    masked = [int((x == mask_id).sum()) for _, x, _ in seen] + [int((out == mask_id).sum())]
+    assert masked == [8, 6, 4, 2, 0]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from stq_compiler.models import LLaDAConfig, LLaDAModelLM, llada_8b_config, tiny_llada_config
+from stq_compiler.models import LLaDAConfig, LLaDAModelLM, build_tiny, llada_8b_config, tiny_llada_config
 from stq_compiler.models.llada import count_parameters
 
 # config.json of GSAI-ML/LLaDA-8B-Instruct (LLaDA-8B-Base has the same architecture keys)
@@ -214,3 +214,15 @@ def test_compiles_as_one_graph():
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+
+
+def test_output_hidden_states_is_the_head_input():
+    torch.manual_seed(0)
+    model = build_tiny("llada").eval()
+    ids = torch.randint(0, model.config.mask_token_id, (2, 9))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        plain = model(ids).logits
+    (hidden,) = out.hidden_states
+    assert torch.equal(out.logits, plain)
+    torch.testing.assert_close(model.model.transformer["ff_out"](hidden), plain, rtol=0, atol=0)
