@@ -71,6 +71,7 @@ class CalibrationConfig:
     progress: bool = True
     max_blocks: Optional[int] = None  # fit only the first N blocks (timing benchmarks); the rest stay RTN
     device: Optional[str] = None  # where to compute (default: the model's); the weights may stay on the host
+    resident_gb: float = 12.0  # a site's activations up to this size train from the device, larger ones from the host
     extra: dict = field(default_factory=dict)
 
     def recipe_options(self) -> dict:
@@ -345,7 +346,7 @@ def _activation_node(site: Site, fold_norm: bool, bindings) -> tuple[fx.Node, Op
 
 
 def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg: CalibrationConfig, gen) -> tuple[Optional[SiteTransform], dict]:
-    """Fit one site's transform from its activations ``x`` [T, d] (CPU) and token states."""
+    """Fit one site's transform from its activations ``x`` [T, d] (on the host, or on the device when they fit) and token states."""
     fold = norm_weight is not None
     weights = [lin.weight_nk().float() * (norm_weight.detach().float() if fold else 1) for lin in site.linears]
     d = x.shape[-1]
@@ -367,11 +368,17 @@ def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg
     return transform, report
 
 
+def _resident(x: torch.Tensor, device: torch.device, budget_gb: float) -> torch.Tensor:
+    """``x`` on the device when it fits ``budget_gb``: SGAT then draws its minibatches there, not
+    through host gathers and copies (most of a training step's time at 8B sizes otherwise)."""
+    return x.to(device) if x.numel() * x.element_size() <= budget_gb * 2**30 else x
+
+
 def _gptq_weights(site: Site, transform: Optional[SiteTransform], x: torch.Tensor, state: torch.Tensor, norm_weight, w_bits: int) -> dict[str, QuantizedWeight]:
     """GPTQ codes of the site's folded weights, with the Hessian of the transformed activations."""
     device = site.linears[0].weight.tensor.device
     hessian = HessianAccumulator(x.shape[-1])
-    for i in range(0, x.shape[0], 65536):  # in chunks: x stays on the CPU
+    for i in range(0, x.shape[0], 65536):  # in chunks: x may be on the host
         chunk = x[i : i + 65536].to(device)
         hessian.update(transform.transform_activation(chunk, state[i : i + 65536].to(device)) if transform is not None else chunk)
     h = hessian.hessian()
@@ -445,7 +452,7 @@ def calibrate(
 
     tensors: dict[str, torch.Tensor] = {}
     for key, transform in transforms.items():
-        tensors.update({Recipe.key(key, f"site.{name}"): t.float() for name, t in transform.to_tensors().items()})
+        tensors.update({Recipe.key(key, f"site.{name}"): t.float().cpu() for name, t in transform.to_tensors().items()})
     for fqn, qw in weights.items():
         tensors[Recipe.key(fqn, "w.q")] = qw.q.cpu()
         tensors[Recipe.key(fqn, "w.scale")] = qw.scale.cpu()
@@ -497,7 +504,7 @@ def _fit_blocks(captured: _Captured, blocks: list[list[str]], batches, cfg: Cali
         phases["statistics_s"], clock = time.perf_counter() - clock, time.perf_counter()
         for key, site in sites.items():
             progress.set_postfix_str(f"fit {site.name}")
-            x = torch.cat(seen.pop(key))
+            x = _resident(torch.cat(seen.pop(key)), captured.device, cfg.resident_gb)
             transform, report = _fit_site(site, x, state, norms[key], cfg, gen)
             if transform is not None:
                 transforms[key] = transform
@@ -516,8 +523,10 @@ def _fit_blocks(captured: _Captured, blocks: list[list[str]], batches, cfg: Cali
             stream.run(piece, inputs, advance=True)
             phases["quantized_forward_s"] = time.perf_counter() - clock
         del graph, piece, inputs
-        timing["blocks"].append(phases)
         timing["blocks_s"].append(sum(phases.values()))
+        if captured.device.type == "cuda":  # the peak so far (the caller may reset it)
+            phases["peak_gpu_gb"] = torch.cuda.max_memory_allocated(captured.device) / 2**30
+        timing["blocks"].append(phases)
         progress.update(1)
     progress.close()
     return transforms, weights, reports

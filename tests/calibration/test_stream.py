@@ -15,6 +15,7 @@ from stq_compiler.calibration.calibrate import (
     _gptq_weights,
     _Graph,
     _quantize_fitted,
+    _weights_on,
     calibrate,
     capture_model,
 )
@@ -138,3 +139,30 @@ def test_streamed_recipes_equal_the_whole_graph_ones(arch, method, options, monk
     for key, tensor in whole.tensors.items():
         torch.testing.assert_close(streamed.tensors[key], tensor, rtol=1e-5, atol=1e-5, msg=key)
     assert streamed.options["sgat_loss" if method == "starquant" else "gptq"] == whole.options["sgat_loss" if method == "starquant" else "gptq"]
+
+
+@pytest.mark.parametrize("arch", ["llada", "llama"])
+def test_pieces_compute_on_another_device_with_the_weights_on_the_host(arch):
+    """The weights stay on the CPU; each piece moves its own to the device (here ``meta``, which
+    stands in for a GPU: a tensor left behind on the CPU would raise a device mismatch)."""
+    model = tiny_model(arch, seed=3)
+    ids = torch.randint(0, 255, (4, 16))
+    captured = capture_model(model, ids, torch.device("meta"))
+    analysis = analyze(captured.gm, captured.example_inputs)
+    captured.partition(_blocks(analysis, False), analysis.bindings)
+    stream = BoundaryStream([ids], captured.ids_index, torch.device("meta"), captured.last_reader)
+    for index in range(captured.pieces - 1):
+        inputs = captured.inputs_on_device(index)
+        stream.run(extract_piece(captured.gm, index, captured.outputs[index]), inputs, advance=True)
+        assert all(t.device.type == "meta" for v in stream.values.values() for t in tree_leaves(v) if isinstance(t, torch.Tensor))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_a_model_with_its_weights_on_the_host_runs_on_the_device(arch):
+    model = tiny_model(arch, seed=3)
+    ids = torch.randint(0, 255, (2, 16))
+    with torch.no_grad(), _weights_on(model, torch.device("meta")):
+        out = logits_of(model(ids.to("meta")))
+    assert out.device.type == "meta" and out.shape == (2, 16, model.config.vocab_size)
+    assert all(p.device.type == "cpu" for p in model.parameters())
