@@ -305,8 +305,11 @@ class _Graph:
 
 def _to_host(x: torch.Tensor) -> torch.Tensor:
     """An observed activation kept on the CPU in its own dtype (bf16 stays bf16: half the bytes of
-    float32 to hold, and to move back to the GPU for training)."""
-    return x.detach().cpu()
+    float32 to hold, and to move back to the GPU for training); pinned when it comes from a GPU,
+    so both copies run at the bus's speed."""
+    if x.device.type != "cuda":
+        return x.detach().cpu()
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x.detach())
 
 
 class _Observer(torch.nn.Module):
@@ -368,10 +371,19 @@ def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg
     return transform, report
 
 
-def _resident(x: torch.Tensor, device: torch.device, budget_gb: float) -> torch.Tensor:
-    """``x`` on the device when it fits ``budget_gb``: SGAT then draws its minibatches there, not
-    through host gathers and copies (most of a training step's time at 8B sizes otherwise)."""
-    return x.to(device) if x.numel() * x.element_size() <= budget_gb * 2**30 else x
+def _site_activations(chunks: list[torch.Tensor], device: torch.device, budget_gb: float) -> torch.Tensor:
+    """The observed chunks as one [T, d] tensor: on the device when it fits ``budget_gb`` (SGAT then
+    draws its minibatches there, not through host gathers and copies, which are most of a training
+    step's time at 8B sizes otherwise), on the host otherwise."""
+    nbytes = sum(c.numel() * c.element_size() for c in chunks)
+    if device.type == "cpu" or nbytes > budget_gb * 2**30:
+        return torch.cat(chunks)
+    x = torch.empty((sum(c.shape[0] for c in chunks), chunks[0].shape[-1]), dtype=chunks[0].dtype, device=device)
+    row = 0
+    for c in chunks:
+        x[row : row + c.shape[0]].copy_(c, non_blocking=True)
+        row += c.shape[0]
+    return x
 
 
 def _gptq_weights(site: Site, transform: Optional[SiteTransform], x: torch.Tensor, state: torch.Tensor, norm_weight, w_bits: int) -> dict[str, QuantizedWeight]:
@@ -427,6 +439,8 @@ def calibrate(
     cfg = CalibrationConfig(method=method, w_bits=w_bits, a_bits=a_bits, mask_token_id=mask_token_id, **method_options)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device is not None else next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     timing: dict = {}
     clock = time.perf_counter()
 
@@ -504,7 +518,7 @@ def _fit_blocks(captured: _Captured, blocks: list[list[str]], batches, cfg: Cali
         phases["statistics_s"], clock = time.perf_counter() - clock, time.perf_counter()
         for key, site in sites.items():
             progress.set_postfix_str(f"fit {site.name}")
-            x = _resident(torch.cat(seen.pop(key)), captured.device, cfg.resident_gb)
+            x = _site_activations(seen.pop(key), captured.device, cfg.resident_gb)
             transform, report = _fit_site(site, x, state, norms[key], cfg, gen)
             if transform is not None:
                 transforms[key] = transform
