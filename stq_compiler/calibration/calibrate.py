@@ -1,11 +1,14 @@
 """``calibrate(model, data, method=...) -> Recipe``: fit a method's per-site transforms (and TAC).
 
-The model is captured once the way the backend sees it (Dynamo, one graph), analysed for its
-sites, attention cores and token-state source, and then calibrated block by block: for block b
-the graph is rewritten with every earlier block quantized with what was fitted for it, observers
-are inserted at block b's site inputs, the calibration inputs are run, and block b's sites are
-fitted from what the observers saw. TAC (STaR-Quant) is fitted last, from the graph with every
-transform on, quantizers off ("reference") and on ("quantized").
+The model is captured once the way the backend sees it (Dynamo, one graph, traced without
+running it), analysed for its sites, attention cores and token-state source, cut into one piece
+per transformer block (``stream.py``), and then calibrated block by block, streamed: block b's
+piece runs on the tensors crossing into it (kept per calibration batch on the host) with
+observers at its sites, its sites are fitted from what they saw, and it runs again quantized
+with that fit, which hands block b+1 its inputs. So each block's inputs come from the
+already-quantized blocks before it, each block runs twice in all, and only its parameters are on
+the device while it is processed. TAC (STaR-Quant) is fitted last, streamed the same way with
+every transform on, quantizers off ("reference") and on ("quantized").
 
 Calibration inputs follow how a diffusion LLM is used: masked-diffusion corruptions of the
 calibration sequences at mask ratios spread over (0, 1), and the states along real sampler
@@ -289,7 +292,7 @@ class _Graph:
 
     def observe(self, nodes: dict[str, fx.Node], sinks: Optional[dict] = None) -> dict[str, list]:
         """Insert an observer after each node. Without ``sinks`` each keeps what it sees (tokens ×
-        features, float32, on the CPU) in the returned lists; with them, it hands each activation
+        features, in its dtype, on the host) in the returned lists; with them, it hands each activation
         to ``sinks[key]`` instead (streaming statistics)."""
         seen = {}
         for i, (key, node) in enumerate(nodes.items()):
