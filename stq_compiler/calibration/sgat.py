@@ -44,12 +44,17 @@ def gates_by_energy(xp: torch.Tensor, is_masked: torch.Tensor, fraction: float =
     columns (off for masked tokens) where masked tokens carry the least energy, the masked-private
     ones (off for unmasked tokens) where unmasked tokens carry the least, among the rest.
     ``xp``: activations in the initial basis [T, d]. With one state absent, the fixed layout."""
-    d = xp.shape[-1]
     if is_masked.all() or not is_masked.any():
-        return private_gates(d, fraction)
+        return private_gates(xp.shape[-1], fraction)
+    return gates_from_energy(xp[is_masked].pow(2).mean(0), xp[~is_masked].pow(2).mean(0), fraction)
+
+
+def gates_from_energy(energy_m: torch.Tensor, energy_u: torch.Tensor, fraction: float = 1 / 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gates_by_energy`` from the mean squared activation per basis column of masked tokens
+    (``energy_m``) and of unmasked ones (``energy_u``)."""
+    d = energy_m.shape[-1]
     p = private_count(d, fraction)
-    energy_m = xp[is_masked].pow(2).mean(0).cpu()
-    energy_u = xp[~is_masked].pow(2).mean(0).cpu()
+    energy_m, energy_u = energy_m.cpu(), energy_u.cpu()
     unmasked_private = torch.argsort(energy_m)[:p]
     rest = torch.ones(d, dtype=torch.bool)
     rest[unmasked_private] = False
@@ -59,6 +64,21 @@ def gates_by_energy(xp: torch.Tensor, is_masked: torch.Tensor, fraction: float =
     gate_masked[unmasked_private] = 0
     gate_unmasked[masked_private] = 0
     return gate_masked, gate_unmasked
+
+
+def _state_energy(x: torch.Tensor, state: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, device, chunk: int = 65536):
+    """Mean squared ``x P`` per column for masked and unmasked tokens (None for an absent state),
+    in chunks: ``x`` may be far larger than the device's memory."""
+    sums = {True: 0.0, False: 0.0}
+    counts = {True: 0, False: 0}
+    for i in range(0, x.shape[0], chunk):
+        energy = kron_apply(x[i : i + chunk].to(device).float(), p1, p2).pow(2)
+        s = state[i : i + chunk].to(device)
+        for masked in (True, False):
+            rows = s if masked else ~s
+            sums[masked] = sums[masked] + energy[rows].sum(0, dtype=torch.float64)
+            counts[masked] += int(rows.sum())
+    return [sums[m] / counts[m] if counts[m] else None for m in (True, False)]
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -129,9 +149,11 @@ def fit_sgat(
     state = is_masked.reshape(-1).to(x.device)
     if gates:
         with torch.no_grad():
-            a, b = p1.weight.detach(), p2.weight.detach()
-            energy = torch.cat([kron_apply(x[i : i + 65536].to(device).float(), a, b) for i in range(0, x.shape[0], 65536)])
-            gate_m, gate_u = gates_by_energy(energy, state.to(device), private_fraction)
+            energy_m, energy_u = _state_energy(x, state, p1.weight.detach(), p2.weight.detach(), device)
+        if energy_m is None or energy_u is None:
+            gate_m, gate_u = private_gates(d, private_fraction)
+        else:
+            gate_m, gate_u = gates_from_energy(energy_m, energy_u, private_fraction)
     else:
         gate_m, gate_u = torch.ones(d), torch.ones(d)
     gate_m, gate_u = gate_m.to(device), gate_u.to(device)
