@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # One Inductor cache for every compiled test: a cold CPU compile costs ~20 s.
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: setup demo test test-thorough test-gpu clean
+.PHONY: setup demo test test-thorough test-gpu model clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test-thorough: setup
 # On a machine with a CUDA GPU (its own torch): the Triton kernels against the reference ops.
 test-gpu:
 	python3 -m pytest -q -s -m cuda tests
+
+# Retrain the bundled model (stq_compiler/training.py): corpora, tokenizer and token ids here, then
+# training (about 6 min on one H200; on a CPU only for a look: it is far too slow there).
+model: setup
+	$(PY) -m stq_compiler.training prepare --out .cache/stq-tiny-llada
+	$(PY) -m stq_compiler.training train --data .cache/stq-tiny-llada --out stq_compiler/models/bundled/stq-tiny-llada
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
 """Train the bundled model: a small LLaDA on KJV + Wikipedia with the masked-diffusion objective.
 
-Two steps, one command each (``make model`` runs both, the second on a GPU when there is one):
+Two steps, one command each (``make model`` runs both; the second wants a GPU):
 
     python -m stq_compiler.training prepare --out .cache/stq-tiny-llada   # CPU: corpus, tokenizer, token ids
     python -m stq_compiler.training train --data .cache/stq-tiny-llada --out stq_compiler/models/stq-tiny-llada
