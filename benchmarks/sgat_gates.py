@@ -9,7 +9,13 @@ randomized Hadamard start) with the gates and without them, reporting the normal
 The difference at the start is the gates' leakage (the energy each state has in the other state's
 private columns); the difference after training is what training did not remove. Site inputs are
 taken as they reach the linears (the norm scale not folded), which is enough to compare the two.
-Results: ``results/sgat-gates-cpu.json``.
+
+A third column tries a data-driven start for the private columns (not what the package does):
+a dense P whose unmasked-private columns are the lowest-energy eigenvectors of the masked tokens'
+second moment, whose masked-private ones are the lowest-energy eigenvectors of the unmasked
+tokens' (orthogonal to the first), and whose shared columns are a random rotation of the rest. Its
+loss with and without the gates shows whether the leakage can be designed away, and what the
+eigenvector columns cost the quantizer. Results: ``results/sgat-gates-cpu.json``.
 """
 
 from __future__ import annotations
@@ -22,12 +28,41 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from stq_compiler.calibration.sgat import fit_sgat
+from stq_compiler.calibration.sgat import fake_quant_activation, fake_quant_weight, fit_sgat, private_count
+from stq_compiler.calibration.transforms import random_orthogonal
 from stq_compiler.corpus import texts
 from stq_compiler.evaluation import token_stream, windows
 from stq_compiler.models import DEFAULT_MODEL, load, load_tokenizer
 
 SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("attn_out",), "gate_up": ("ff_proj", "up_proj"), "down": ("ff_out",)}
+
+
+def eigen_private_basis(x: torch.Tensor, state: torch.Tensor, generator: torch.Generator):
+    """Dense P (columns: shared, masked-private, unmasked-private) and the gates, from the data."""
+    d = x.shape[1]
+    p = private_count(d)
+    second_moment = {s: (x[rows].double().T @ x[rows].double()) / int(rows.sum()) for s, rows in (("m", state), ("u", ~state))}
+    unmasked_private = torch.linalg.eigh(second_moment["m"]).eigenvectors[:, :p]  # off for masked tokens
+    away = torch.eye(d, dtype=torch.float64) - unmasked_private @ unmasked_private.T
+    # the lowest-energy unmasked directions orthogonal to those (the penalty keeps them out)
+    penalised = away @ second_moment["u"] @ away + 1e6 * unmasked_private @ unmasked_private.T
+    masked_private = torch.linalg.eigh(penalised).eigenvectors[:, :p]
+    fill = torch.randn(d, d - 2 * p, dtype=torch.float64, generator=generator)
+    q, _ = torch.linalg.qr(torch.cat([unmasked_private, masked_private, fill], 1))
+    shared = q[:, 2 * p :] @ random_orthogonal(d - 2 * p, generator)
+    basis = torch.cat([shared, masked_private, unmasked_private], 1).float()
+    gate_masked, gate_unmasked = torch.ones(d), torch.ones(d)
+    gate_masked[d - p :] = 0
+    gate_unmasked[d - 2 * p : d - p] = 0
+    return basis, gate_masked, gate_unmasked
+
+
+def site_loss(x, state, w, basis, gate_masked, gate_unmasked) -> float:
+    """The SGAT loss of a fixed basis (fit_sgat's formula, no training)."""
+    target = x @ w.t()
+    xt = (x @ basis) * torch.where(state[:, None], gate_masked, gate_unmasked)
+    out = fake_quant_activation(xt, 4) @ fake_quant_weight(w @ basis, 4).t()
+    return float((target - out).pow(2).sum() / target.pow(2).sum())
 
 
 def main(argv=None) -> None:
@@ -72,9 +107,14 @@ def main(argv=None) -> None:
             row[f"{key}_start"] = start["loss_first_epoch"]
             row[f"{key}_trained"] = fitted["loss_last_epoch"]
             row[f"{key}_fit_s"] = round(time.perf_counter() - clock, 2)
+        basis, gate_m, gate_u = eigen_private_basis(x, state, torch.Generator().manual_seed(1))
+        w = torch.cat(weights)
+        row["eigen_private_gates_start"] = site_loss(x, state, w, basis, gate_m, gate_u)
+        row["eigen_private_no_gates_start"] = site_loss(x, state, w, basis, torch.ones_like(gate_m), torch.ones_like(gate_u))
         rows.append(row)
         print(f"block {b} {site:8s} gates: {row['gates_start']:.5f} -> {row['gates_trained']:.5f}   "
-              f"no gates: {row['no_gates_start']:.5f} -> {row['no_gates_trained']:.5f}")
+              f"no gates: {row['no_gates_start']:.5f} -> {row['no_gates_trained']:.5f}   "
+              f"eigen-private start, gates: {row['eigen_private_gates_start']:.5f}, no gates: {row['eigen_private_no_gates_start']:.5f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps({"model": DEFAULT_MODEL, "torch": torch.__version__, "settings": settings,
