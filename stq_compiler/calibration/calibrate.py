@@ -557,27 +557,45 @@ def _quantize_fitted(graph: _Graph, keys: set, transforms, weights, cfg: Calibra
 
 
 def fit_tac_layers(captured: _Captured, transforms, weights, batches, cfg: CalibrationConfig, quantize_head: bool) -> dict[str, TacParams]:
-    """TAC per attention layer from ≤ ``tac_samples`` inputs: the TAC point seen with every transform
-    on and quantizers off (reference) and on (quantized), accumulated as streaming statistics.
-    Streamed like the SGAT fit: two boundary streams (reference, quantized) go through the pieces."""
+    """TAC per attention layer from ≤ ``tac_samples`` inputs, layer by layer: the TAC point seen with
+    every transform on and quantizers off (reference) and on (quantized), accumulated as streaming
+    statistics. Streamed like the SGAT fit, with two boundary streams (reference, quantized); the
+    quantized stream goes on through each block with that block's TAC applied, so every layer's
+    TAC is fitted on the inputs it will see, the earlier layers' TAC active."""
+    from stq_compiler.passes.tac import insert_tac
+
     batches = batches[: max(1, cfg.tac_samples // cfg.batch_size)]
     streams = {side: BoundaryStream(batches, captured.ids_index, captured.device, captured.last_reader) for side in ("ref", "q")}
-    stats: dict[str, TacStatistics] = {}
+    fitted: dict[str, TacParams] = {}
     progress = tqdm(total=captured.pieces, desc="calibrate TAC", unit="block", disable=not cfg.progress)
     for b in range(captured.pieces):
         inputs = captured.inputs_on_device(b)
-        for side, quantize in (("ref", False), ("q", True)):
+        advance = b + 1 < captured.pieces
+        stats: dict[str, TacStatistics] = {}
+
+        def block_graph(quantize: bool, tac: Optional[dict] = None) -> tuple[_Graph, list]:
             graph = _Graph(captured, cfg.mask_token_id, inputs)
             piece_of = pieces_of(graph.gm)
             cores = [c.output_projection for c in graph.analysis.attention if c.output_projection and piece_of[c.output_projection.node] == b]
+            if tac:
+                insert_tac(graph.gm, graph.analysis, tac)
+            _quantize_fitted(graph, {site_key(s) for s in graph.sites_in(b)}, transforms, weights, cfg, quantize_head, quantize)
+            return graph, cores
+
+        for side, quantize in (("ref", False), ("q", True)):
+            graph, cores = block_graph(quantize)
             for proj in cores:
                 stats.setdefault(proj.fqn, TacStatistics(proj.in_features, tac_group_size(proj.in_features)))
-            _quantize_fitted(graph, {site_key(s) for s in graph.sites_in(b)}, transforms, weights, cfg, quantize_head, quantize)
             # observe the TAC point itself (the o-projection's site now reads a transformed input)
             points = {proj.fqn: proj.input for proj in cores}
             graph.observe(points, {fqn: (lambda z, s=stats[fqn], side=side: s.add(side, z)) for fqn in points})
-            advance = b + 1 < captured.pieces
-            streams[side].run(graph.piece(b, advance), inputs, advance)
+            # the quantized stream moves on only once this block's TAC is in place (below)
+            streams[side].run(graph.piece(b, advance and (side == "ref" or not cores)), inputs, advance and (side == "ref" or not cores))
+        block_tac = {fqn: s.fit() for fqn, s in stats.items()}
+        fitted.update(block_tac)
+        if advance and block_tac:
+            graph, _ = block_graph(True, block_tac)
+            streams["q"].run(graph.piece(b, True), inputs, True)
         progress.update(1)
     progress.close()
-    return {fqn: s.fit() for fqn, s in stats.items()}
+    return fitted

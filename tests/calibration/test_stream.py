@@ -68,7 +68,8 @@ def test_pieces_chained_compute_the_model(arch):
 
 # ----------------------------------------------------------------------------------------------
 # The whole-graph calibration the streamed one replaced: for block b, the whole graph with every
-# earlier block quantized, observers at block b's sites, all batches; TAC from the whole graph.
+# earlier block quantized, observers at block b's sites, all batches; TAC from the whole graph,
+# layer by layer.
 
 
 def _run_whole(graph, ids):
@@ -104,19 +105,26 @@ def _fit_blocks_whole_graph(captured, blocks, batches, cfg, quantize_head, gen, 
 
 
 def _fit_tac_whole_graph(captured, transforms, weights, batches, cfg, quantize_head):
-    stats = {}
-    for side, quantize in (("ref", False), ("q", True)):
-        graph = _Graph(captured, cfg.mask_token_id)
-        keys = {site_key(s) for s in graph.analysis.sites}
-        cores = [c.output_projection for c in graph.analysis.attention if c.output_projection]
-        for proj in cores:
-            stats.setdefault(proj.fqn, TacStatistics(proj.in_features, tac_group_size(proj.in_features)))
-        _quantize_fitted(graph, keys, transforms, weights, cfg, quantize_head, quantize)
-        points = {proj.fqn: proj.input for proj in cores}
-        graph.observe(points, {fqn: (lambda z, s=stats[fqn], side=side: s.add(side, z)) for fqn in points})
-        for batch in batches[: max(1, cfg.tac_samples // cfg.batch_size)]:
-            _run_whole(graph, batch)
-    return {fqn: s.fit() for fqn, s in stats.items()}
+    """Layer by layer on the whole graph: layer i's TAC from the reference graph and the quantized
+    graph with the TAC of layers before i in place."""
+    from stq_compiler.passes.tac import insert_tac
+
+    fitted = {}
+    order = [c.output_projection.fqn for c in _Graph(captured, cfg.mask_token_id).analysis.attention if c.output_projection]
+    for fqn in order:
+        stats = None
+        for side, quantize in (("ref", False), ("q", True)):
+            graph = _Graph(captured, cfg.mask_token_id)
+            if quantize and fitted:
+                insert_tac(graph.gm, graph.analysis, dict(fitted))
+            proj = next(c.output_projection for c in graph.analysis.attention if c.output_projection and c.output_projection.fqn == fqn)
+            stats = stats or TacStatistics(proj.in_features, tac_group_size(proj.in_features))
+            _quantize_fitted(graph, {site_key(s) for s in graph.analysis.sites}, transforms, weights, cfg, quantize_head, quantize)
+            graph.observe({fqn: proj.input}, {fqn: (lambda z, side=side: stats.add(side, z))})
+            for batch in batches[: max(1, cfg.tac_samples // cfg.batch_size)]:
+                _run_whole(graph, batch)
+        fitted[fqn] = stats.fit()
+    return fitted
 
 
 @pytest.mark.parametrize("arch,method,options", [
