@@ -211,6 +211,13 @@ def fused_quantize_reference(
     gate_unmasked: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The definition of ``stq::fused_quantize`` (see the module docstring)."""
+    h = transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
+    q, scale, zero = quantize_per_token_reference(h, bits, is_masked, gate_masked, gate_unmasked)
+    return (pack_int4(q) if bits == 4 else q), scale, zero
+
+
+def transform_reference(x, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None, p1=None, p2=None):
+    """Stages 1-4 of ``stq::fused_quantize`` (norm, TAC, smoothing, Kronecker): float32 [..., K]."""
     h = x
     if rms_eps is not None:
         hf = x.float()
@@ -224,8 +231,7 @@ def fused_quantize_reference(
         h = h * inv_smooth.float()
     if p1 is not None:
         h = kron_transform_reference(h, p1, p2)
-    q, scale, zero = quantize_per_token_reference(h, bits, is_masked, gate_masked, gate_unmasked)
-    return (pack_int4(q) if bits == 4 else q), scale, zero
+    return h
 
 
 def _triton_fused():

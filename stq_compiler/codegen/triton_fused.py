@@ -17,10 +17,11 @@ kernel. Float work:
   relative error and flip many codes);
 * gate, min/max, IEEE divisions and ``floor(v + 0.5)`` as in ``stq::quantize_per_token``.
 
-So the float parts differ from the reference only by float32 summation order (dot products,
-the sum of squares) and the GPU's ``exp``-free but differently ordered arithmetic: about 1e-6
-relative. Then 4-bit codes are packed (``fused_ops`` docstring) by splitting the tile's last
-axis into even/odd pairs: ``d2`` even, or ``d1 = 1``.
+So the float parts differ from the reference only in float32 summation order (the dots, the
+sum of squares, the TAC sums): about 1e-6 relative. Factors whose padded tile exceeds
+``MAX_FUSED_KRON_TILE`` (the MLP down sites at 8B scale) are not fused yet: their float stages
+run as PyTorch ops before the kernel. 4-bit codes are packed (``fused_ops`` docstring) by
+splitting the tile's last axis into even/odd pairs, so ``d2`` must be even (or ``d1 = 1``).
 
 ``_fused_linear_kernel``: the tiled int8 GEMM of ``triton_rtn`` generalised to packed operands.
 With a packed operand it walks K by byte (``BLOCK_K // 2`` bytes, ``BLOCK_K`` codes) and runs
@@ -179,12 +180,25 @@ def _fused_quantize_kernel(
         tl.store(q_row + col, q.to(tl.int8), mask=ok)
 
 
+# The Kronecker stage holds a token's padded [D1P, D2P] matrix and both factors in one program
+# (the dots stage them through shared memory): up to 64 x 128 float32 (LLaDA's and Dream's hidden
+# sizes: 64 x 64). Larger ones (the MLP down sites: 96 x 128, 128 x 148) fall back to PyTorch for
+# the float stages; see the report in the module docstring.
+MAX_FUSED_KRON_TILE = 8192
+
+
+def _kron_tile(d1: int, d2: int) -> int:
+    return max(16, triton.next_power_of_2(d1)) * max(16, triton.next_power_of_2(d2))
+
+
 def _quantize_tile(spec, m: int) -> tuple[int, int, int, int, int]:
     """(d1, d2, D1P, D2P, BLOCK_M): the token tile and how many tokens a program takes."""
     if spec.kron is not None:
         d1, d2 = spec.kron
         # tl.dot wants every dimension >= 16
         d1p, d2p = max(16, triton.next_power_of_2(d1)), max(16, triton.next_power_of_2(d2))
+        if d1p * d2p > MAX_FUSED_KRON_TILE:
+            raise ValueError(f"Kronecker factors {spec.kron} are too large for the fused kernel")
     else:
         d1, d2 = 1, spec.features
         d1p, d2p = 1, max(2, triton.next_power_of_2(d2))
@@ -206,6 +220,11 @@ def fused_quantize_triton(
     spec = ops.fused_quantize_spec(x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2,
                                    is_masked, gate_masked, gate_unmasked)
     lead, k = x.shape[:-1], x.shape[-1]
+    if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE:
+        # Too large for one program's registers and shared memory: the float stages run as
+        # PyTorch ops, the kernel gates, quantizes and packs.
+        x = ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
+        return fused_quantize_triton(x, bits, is_masked=is_masked, gate_masked=gate_masked, gate_unmasked=gate_unmasked)
     x_round = _ROUND_CODES.get(x.dtype, 0)
     w_round = _ROUND_CODES.get(torch.promote_types(norm_weight.dtype, x.dtype), 0) if norm_weight is not None else 0
     if x.dtype not in _LOADABLE_DTYPES:
