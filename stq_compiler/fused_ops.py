@@ -4,20 +4,20 @@ its epilogue in another, and the packed 4-bit layout they share.
 ``stq::fused_quantize(x, bits, ...) -> (codes, scale, zero)`` runs, per token, the stages a site
 needs, each optional, in this order:
 
-1. RMSNorm: ``n = round_x(x * rsqrt(mean(x²) + eps))`` then, with a norm weight,
-   ``n = round_p(w * n)`` where ``round_x`` rounds to x's dtype and ``round_p`` to
-   ``promote_types(w, x)`` (as the models compute it: normalise in float32, cast back, scale);
+1. RMSNorm: ``n = x * rsqrt(mean(x²) + eps)``, times the norm weight when one is given;
 2. TAC block affine ``z_b M_bᵀ + d_b`` (``stq::tac_block_affine``), in float32;
 3. smoothing ``× inv_smooth`` (one value per feature), in float32;
 4. the Kronecker transform ``x (P1 ⊗ P2)`` (``stq::kron_transform``), in float32;
 5. the state gate and per-token asymmetric quantization (``stq::quantize_per_token``);
 6. for 4 bits, two codes packed per byte (below).
 
-Everything after the norm stays in float32 (the unfused graph rounds the TAC output to the model
-dtype; the fused op skips that rounding). The reference here is built from the reference ops and
-is the definition; the Triton kernel (``stq_compiler.codegen.triton_fused``) reduces and
-multiplies in another order, so its float stages agree to float32 rounding (about 1e-6 relative),
-not bit for bit, and a code can differ by one where a value sits within that of a rounding tie.
+Everything is computed in float32 from x on: the unfused graph rounds the norm's and TAC's
+outputs to the model dtype (bfloat16), the fused op does not (a bfloat16 rounding would turn the
+kernel's float32 reduction-order differences into occasional one-ulp jumps of 2**-8). The
+reference here, built from the reference ops, is the definition. The Triton kernel
+(``stq_compiler.codegen.triton_fused``) sums in another order, so its float stages agree to
+float32 rounding (about 1e-6 relative), not bit for bit, and a code can differ by one where a
+value sits within that of a rounding tie.
 
 ``stq::fused_linear(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype)``:
 the ``stq::quantized_linear`` arithmetic (int32 accumulation, zero-point correction, float32
@@ -218,13 +218,11 @@ def fused_quantize_reference(
 
 def transform_reference(x, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None, p1=None, p2=None):
     """Stages 1-4 of ``stq::fused_quantize`` (norm, TAC, smoothing, Kronecker): float32 [..., K]."""
-    h = x
+    h = x.float()
     if rms_eps is not None:
-        hf = x.float()
-        h = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + rms_eps)).to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + rms_eps)
         if norm_weight is not None:
-            h = (norm_weight.float() * h.float()).to(torch.promote_types(norm_weight.dtype, x.dtype))
-    h = h.float()
+            h = norm_weight.float() * h
     if tac_m is not None:
         h = tac_ops.tac_block_affine_reference(h, tac_m.float(), tac_d.float())
     if inv_smooth is not None:

@@ -52,11 +52,10 @@ def _site_inputs(m=5, k=24, seed=0):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fused_quantize_reference_is_the_unfused_chain(bits):
     x, kw = _site_inputs()
-    # the model's RMSNorm (normalise in float32, cast back, scale in the model dtype)
+    # RMSNorm in float32 (no rounding back to the model dtype)
     xf = x.float()
-    n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + kw["rms_eps"])).to(x.dtype)
-    n = kw["norm_weight"] * n
-    h = tac_ops.tac_block_affine_reference(n.float(), kw["tac_m"], kw["tac_d"]) * kw["inv_smooth"]
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + kw["rms_eps"]) * kw["norm_weight"].float()
+    h = tac_ops.tac_block_affine_reference(n, kw["tac_m"], kw["tac_d"]) * kw["inv_smooth"]
     h = ops.kron_transform_reference(h, kw["p1"], kw["p2"])
     q, scale, zero = ops.quantize_per_token_reference(h, bits, kw["is_masked"], kw["gate_masked"], kw["gate_unmasked"])
     got = torch.ops.stq.fused_quantize(x, bits, **kw)  # CPU without the interpreter: the reference

@@ -6,9 +6,7 @@ registers as a ``[BLOCK_M, D1P, D2P]`` tile, feature ``i·d2 + j`` at ``[:, i, j
 ``tl.constexpr`` switches, so each ``FusedQuantizeSpec`` compiles to its own straight-line
 kernel. Float work:
 
-* RMSNorm: sum of squares over the tile, ``1 / sqrt_rn(ss / K + eps)``, then the model's
-  roundings to its dtype (bfloat16 rounded to nearest even by bit arithmetic, since the
-  interpreter's cast truncates);
+* RMSNorm: sum of squares over the tile, ``1 / sqrt_rn(ss / K + eps)``, times the norm weight;
 * TAC: output feature c = Σ_j z[g·⌊c/g⌋ + j] · M[c, j] + d[c], as g gathered loads of the
   (re-normalised) input: a block affine mixes neighbours that may sit anywhere in the tile's
   register layout, and the row is in L1 anyway;
@@ -49,8 +47,6 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Rounding targets of the RMSNorm stage: none (float32), float16, bfloat16.
-_ROUND_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _ops():
@@ -66,24 +62,11 @@ def _device_of(t: torch.Tensor):
 
 
 @triton.jit
-def _round_to(v, ROUND: tl.constexpr):
-    """float32 -> nearest float16 (1) / bfloat16 (2) value, as float32; 0: unchanged."""
-    if ROUND == 1:
-        v = v.to(tl.float16).to(tl.float32)
-    elif ROUND == 2:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16) << 16
-        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # noqa: PLR0124 (NaN stays NaN)
-    return v
-
-
-@triton.jit
-def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-                X_ROUND: tl.constexpr, W_ROUND: tl.constexpr):
+def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr):
     if HAS_NORM:
-        x = _round_to(x * rstd, X_ROUND)
+        x = x * rstd
         if HAS_NORM_WEIGHT:
-            x = _round_to(w * x, W_ROUND)
+            x = w * x
     return x
 
 
@@ -95,7 +78,7 @@ def _fused_quantize_kernel(
     M, stride_xm, stride_qm, eps,
     K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
-    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, X_ROUND: tl.constexpr, W_ROUND: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     TAC_G: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_KRON: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -118,7 +101,7 @@ def _fused_quantize_kernel(
         rstd = rstd[:, None, None]
         if HAS_NORM_WEIGHT:
             norm_w = tl.load(norm_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT, X_ROUND, W_ROUND)
+        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
 
     if TAC_G > 0:
         # out[c] = sum_j z[G*(c // G) + j] * M[c // G, c % G, j] + d[c], with M[c//G, c%G, j] at c*G + j
@@ -131,7 +114,7 @@ def _fused_quantize_kernel(
                 w_src = norm_w
                 if HAS_NORM_WEIGHT:
                     w_src = tl.load(norm_w_ptr + src, mask=col_ok, other=0.0).to(tl.float32)
-                z = _normalised(z, rstd, w_src, HAS_NORM, HAS_NORM_WEIGHT, X_ROUND, W_ROUND)
+                z = _normalised(z, rstd, w_src, HAS_NORM, HAS_NORM_WEIGHT)
             m = tl.load(tac_m_ptr + col * TAC_G + jj, mask=col_ok, other=0.0).to(tl.float32)
             acc += z * m
         x = acc + tl.load(tac_d_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
@@ -225,8 +208,6 @@ def fused_quantize_triton(
         # PyTorch ops, the kernel gates, quantizes and packs.
         x = ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
         return fused_quantize_triton(x, bits, is_masked=is_masked, gate_masked=gate_masked, gate_unmasked=gate_unmasked)
-    x_round = _ROUND_CODES.get(x.dtype, 0)
-    w_round = _ROUND_CODES.get(torch.promote_types(norm_weight.dtype, x.dtype), 0) if norm_weight is not None else 0
     if x.dtype not in _LOADABLE_DTYPES:
         x = x.float()
     x2 = x.reshape(-1, k).contiguous()
@@ -255,7 +236,7 @@ def fused_quantize_triton(
                 m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
                 K=k, D1=d1, D2=d2, D1P=d1p, D2P=d2p,
                 QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1), PACK=bits == 4,
-                HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight, X_ROUND=x_round, W_ROUND=w_round,
+                HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight,
                 TAC_G=spec.tac_group, HAS_SMOOTH=spec.smooth, HAS_KRON=spec.kron is not None, HAS_GATE=spec.gate,
                 BLOCK_M=block_m, **extra,
             )
@@ -445,18 +426,26 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return kept
 
 
+# One configuration, chosen by the caller (the interpreter, tests that try every configuration).
+_fused_linear_kernel_fixed = _EVEN_K(_fused_linear_kernel_body)
 if INTERPRET:
-    _fused_linear_kernel = _EVEN_K(_fused_linear_kernel_body)
+    _fused_linear_kernel = _fused_linear_kernel_fixed
 else:
     _fused_linear_kernel = triton.autotune(
         configs=_GPU_GEMM_CONFIGS,
         key=["M", "N", "K", "A_PACKED", "B_PACKED", "SWIGLU"],
         prune_configs_by={"early_config_prune": _prune_gemm_configs},
-    )(_EVEN_K(_fused_linear_kernel_body))
+    )(_fused_linear_kernel_fixed)
 
 
-def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype):
-    """``stq::fused_linear`` in Triton (see the module docstring)."""
+def gemm_configs() -> list[triton.Config]:
+    """The autotuned configurations on the GPU (for tests and benchmarks)."""
+    return list(_GPU_GEMM_CONFIGS)
+
+
+def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype, config=None):
+    """``stq::fused_linear`` in Triton (see the module docstring). ``config``: a ``triton.Config``
+    to run instead of autotuning (GPU only)."""
     ops = _ops()
     ops._check_fused_linear_args(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu)
     k = ops.linear_in_features(xq, wq)
@@ -495,6 +484,11 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
         with _device_of(a):
             if INTERPRET:
                 _fused_linear_kernel[grid](*args, **flags, **_INTERPRET_GEMM_CONFIG)
+            elif config is not None:
+                _fused_linear_kernel_fixed[grid](
+                    *args, **flags, **config.kwargs, num_warps=config.num_warps,
+                    num_stages=config.num_stages, enable_fp_fusion=False,
+                )
             else:
                 _fused_linear_kernel[grid](*args, **flags, enable_fp_fusion=False)
     return y.view(*lead, n)
@@ -529,7 +523,7 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_round_to, _normalised, _fused_quantize_kernel, _k_planes, _epilogue_tile,
+    kernels = (_normalised, _fused_quantize_kernel, _k_planes, _epilogue_tile,
                _bfloat16_bits_rne, _fused_linear_kernel_body)
     sources = {}
     for kernel in kernels:
