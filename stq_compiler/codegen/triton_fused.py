@@ -11,20 +11,23 @@ kernel. Float work:
   (re-normalised) input: a block affine mixes neighbours that may sit anywhere in the tile's
   register layout, and the row is in L1 anyway;
 * Kronecker: ``X P2`` as one ``tl.dot`` on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)``
-  as a dot on the transposed view, both ``input_precision="ieee"`` (TF32 would cost ~1e-3
-  relative error and flip many codes);
+  as a dot on the transposed view, with ``KRON_PRECISION = "tf32x3"``: three TF32 tensor-core
+  products (hi·hi + hi·lo + lo·hi) accurate to about float32 (plain TF32 would cost ~1e-3
+  relative error and flip many codes). ``"ieee"`` is exact float32 but lowers to unrolled FMAs
+  that spill ~10 KB a thread at d = 4096 on sm_90a (ptxas -v); the interpreter ignores the
+  setting and multiplies in float32;
 * gate, min/max, IEEE divisions and ``floor(v + 0.5)`` as in ``stq::quantize_per_token``.
 
-So the float parts differ from the reference only in float32 summation order (the dots, the
-sum of squares, the TAC sums): about 1e-6 relative. Factors whose padded tile exceeds
+So the float parts differ from the reference by float32 summation order (the sum of squares,
+the TAC sums) and, on the GPU, tf32x3's dropped lo·lo term: about 1e-6 relative. Factors whose padded tile exceeds
 ``MAX_FUSED_KRON_TILE`` (the MLP down sites at 8B scale) are not fused yet: their float stages
 run as PyTorch ops before the kernel. 4-bit codes are packed (``fused_ops`` docstring) by
 splitting the tile's last axis into even/odd pairs, so ``d2`` must be even (or ``d1 = 1``).
 
 ``_fused_linear_kernel``: the tiled int8 GEMM of ``triton_rtn`` generalised to packed operands.
 With a packed operand it walks K by byte (``BLOCK_K // 2`` bytes, ``BLOCK_K`` codes) and runs
-two int8 dots per step, even-k planes and odd-k planes; an unpacked int8 operand facing a
-packed one is read as its even and odd columns. Epilogue in float32: ``(acc·x_scale)·w_scale
+two int8 dots per step, even-k planes and odd-k planes (for W4A8, the int8 activation tile is
+loaded whole and split into its even and odd columns in registers). Epilogue in float32: ``(acc·x_scale)·w_scale
 + bias``, then SwiGLU (two accumulators, the gate rows at n and the up rows at n + N/2) or a
 residual add, one cast. Compiled with ``enable_fp_fusion=False`` like ``triton_rtn``.
 
@@ -80,7 +83,7 @@ def _fused_quantize_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     TAC_G: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_KRON: tl.constexpr, HAS_GATE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, KRON_PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -126,11 +129,11 @@ def _fused_quantize_kernel(
         # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
         r2 = tl.arange(0, D2P)
         p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
-        xp2 = tl.dot(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), input_precision="ieee")
+        xp2 = tl.dot(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), input_precision=KRON_PRECISION)
         xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
         r1 = tl.arange(0, D1P)
         p1 = tl.load(p1_ptr + r1[:, None] * D1 + r1[None, :], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
-        y_t = tl.dot(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), input_precision="ieee")
+        y_t = tl.dot(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), input_precision=KRON_PRECISION)
         x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
 
     if HAS_GATE:
@@ -168,6 +171,9 @@ def _fused_quantize_kernel(
 # sizes: 64 x 64). Larger ones (the MLP down sites: 96 x 128, 128 x 148) fall back to PyTorch for
 # the float stages; see the report in the module docstring.
 MAX_FUSED_KRON_TILE = 8192
+
+# tl.dot precision of the Kronecker stage (float32 operands).
+KRON_PRECISION = "tf32x3"
 
 
 def _kron_tile(d1: int, d2: int) -> int:
@@ -238,7 +244,7 @@ def fused_quantize_triton(
                 QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1), PACK=bits == 4,
                 HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight,
                 TAC_G=spec.tac_group, HAS_SMOOTH=spec.smooth, HAS_KRON=spec.kron is not None, HAS_GATE=spec.gate,
-                BLOCK_M=block_m, **extra,
+                BLOCK_M=block_m, KRON_PRECISION=KRON_PRECISION, **extra,
             )
     return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
 
@@ -249,8 +255,8 @@ def fused_quantize_triton(
 
 @triton.jit
 def _k_planes(ptrs, k_idx, K, KB, PACKED: tl.constexpr, EVEN_K: tl.constexpr, stride_k):
-    """(even-k codes, odd-k codes) of one K step as int8 tiles. ``k_idx`` is the byte/pair index
-    j (code 2j and 2j + 1); packed: one byte load, unpacked: two strided loads."""
+    """(even-k codes, odd-k codes) of one K step of the weight, as int8 [HALF, BLOCK_N] tiles.
+    ``k_idx`` is the pair index j (codes 2j, 2j + 1): packed, one byte; unpacked, two loads."""
     if PACKED:
         if EVEN_K:
             b = tl.load(ptrs)
@@ -266,6 +272,27 @@ def _k_planes(ptrs, k_idx, K, KB, PACKED: tl.constexpr, EVEN_K: tl.constexpr, st
             even = tl.load(ptrs, mask=2 * k_idx < K, other=0)
             odd = tl.load(ptrs + stride_k, mask=2 * k_idx + 1 < K, other=0)
         return even, odd
+
+
+@triton.jit
+def _a_planes(ptrs, k_idx, K, KB, PACKED: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+    """(even-k codes, odd-k codes) of one K step of the activation, as int8 [BLOCK_M, HALF]
+    tiles. Packed: [BLOCK_M, HALF] bytes; unpacked: a contiguous [BLOCK_M, 2·HALF] tile split
+    into its even and odd columns in registers (``k_idx`` is then the code index)."""
+    if PACKED:
+        if EVEN_K:
+            b = tl.load(ptrs)
+        else:
+            b = tl.load(ptrs, mask=k_idx < KB, other=0)
+        b = b.to(tl.int8, bitcast=True)
+        return (b << 4) >> 4, b >> 4
+    else:
+        if EVEN_K:
+            a = tl.load(ptrs)
+        else:
+            a = tl.load(ptrs, mask=k_idx < K, other=0)
+        return tl.split(tl.reshape(a, (BLOCK_M, HALF, 2)))
 
 
 @triton.jit
@@ -318,14 +345,15 @@ def _fused_linear_kernel_body(
 
     if A_PACKED or B_PACKED:
         offs_j = tl.arange(0, HALF)
-        a_step = stride_ak if A_PACKED else 2 * stride_ak
+        A_WIDTH: tl.constexpr = HALF if A_PACKED else BLOCK_K  # bytes or codes of A a step
+        offs_a = tl.arange(0, A_WIDTH)
         b_step = stride_bk if B_PACKED else 2 * stride_bk
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_j[None, :] * a_step
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_a[None, :] * stride_ak
         b_ptrs = b_ptr + b_rows[None, :] * stride_bn + offs_j[:, None] * b_step  # [HALF, BLOCK_N]
         for kb in range(tl.cdiv(KB, HALF)):
-            j_a = kb * HALF + offs_j[None, :]
+            k_a = kb * A_WIDTH + offs_a[None, :]
             j_b = kb * HALF + offs_j[:, None]
-            a_even, a_odd = _k_planes(a_ptrs, j_a, K, KB, A_PACKED, EVEN_K, stride_ak)
+            a_even, a_odd = _a_planes(a_ptrs, k_a, K, KB, A_PACKED, EVEN_K, BLOCK_M, HALF)
             b_even, b_odd = _k_planes(b_ptrs, j_b, K, KB, B_PACKED, EVEN_K, stride_bk)
             acc = tl.dot(a_even, b_even, acc, out_dtype=tl.int32)
             acc = tl.dot(a_odd, b_odd, acc, out_dtype=tl.int32)
@@ -333,7 +361,7 @@ def _fused_linear_kernel_body(
                 u_even, u_odd = _k_planes(b_ptrs + up_offset, j_b, K, KB, B_PACKED, EVEN_K, stride_bk)
                 acc_up = tl.dot(a_even, u_even, acc_up, out_dtype=tl.int32)
                 acc_up = tl.dot(a_odd, u_odd, acc_up, out_dtype=tl.int32)
-            a_ptrs += HALF * a_step
+            a_ptrs += A_WIDTH * stride_ak
             b_ptrs += HALF * b_step
     else:
         offs_k = tl.arange(0, BLOCK_K)
@@ -395,7 +423,9 @@ def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, group_m=8):
     )
 
 
-# Hopper: BLOCK_K counts codes (a packed operand moves BLOCK_K // 2 bytes a step).
+# Hopper: BLOCK_K counts codes (a packed operand moves BLOCK_K // 2 bytes a step). Every one
+# compiles for sm_90a without register spills (ptxas -v, benchmarks/sm90_codegen.py); BLOCK_M >= 64
+# runs on wgmma (IGMMA in SASS), narrower row tiles on mma.sync (IMMA).
 _GPU_GEMM_CONFIGS = [
     _gemm_config(128, 256, 128, 8, 3),
     _gemm_config(128, 256, 64, 8, 4),
@@ -403,17 +433,21 @@ _GPU_GEMM_CONFIGS = [
     _gemm_config(128, 128, 64, 4, 4),
     _gemm_config(64, 256, 128, 8, 3),
     _gemm_config(64, 128, 128, 4, 4),
-    _gemm_config(64, 128, 64, 4, 3),
+    # with SwiGLU (two accumulators): at most 8192 outputs a program
+    _gemm_config(128, 64, 128, 8, 4),
+    _gemm_config(64, 128, 128, 8, 4),
+    _gemm_config(64, 64, 128, 4, 4),
     # a few tokens (M = 1 .. 64): narrow row tiles
     _gemm_config(16, 64, 128, 4, 4),
     _gemm_config(16, 128, 128, 4, 4),
     _gemm_config(32, 128, 128, 4, 4),
-    _gemm_config(32, 64, 256, 4, 3),
+    _gemm_config(32, 64, 128, 4, 4),
 ]
+SWIGLU_MAX_TILE = 8192
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Row tiles that fit M; with SwiGLU (two accumulators) at most 128 x 128 outputs a program."""
+    """Row tiles that fit M; with SwiGLU, tiles small enough for two accumulators."""
     m = named_args["M"]
     swiglu = kwargs.get("SWIGLU", named_args.get("SWIGLU", False))
     if m > 64:
@@ -422,7 +456,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
         cap = max(16, triton.next_power_of_2(m))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
     if swiglu:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or kept[-1:]
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= SWIGLU_MAX_TILE]
     return kept
 
 
@@ -523,7 +557,7 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _fused_quantize_kernel, _k_planes, _epilogue_tile,
+    kernels = (_normalised, _fused_quantize_kernel, _a_planes, _k_planes, _epilogue_tile,
                _bfloat16_bits_rne, _fused_linear_kernel_body)
     sources = {}
     for kernel in kernels:

@@ -41,7 +41,8 @@ if not INTERPRETING:
         triton_fused.register_cuda_kernels()
         triton_fused.register_cuda_kernels()  # idempotent
         sources = triton_fused.kernel_sources()
-        assert 'input_precision="ieee"' in sources["_fused_quantize_kernel"]
+        assert "input_precision=KRON_PRECISION" in sources["_fused_quantize_kernel"]
+        assert triton_fused.KRON_PRECISION in ("tf32x3", "ieee")  # never plain TF32
         assert "tl.dot" in sources["_fused_linear_kernel_body"]
 
     def test_kernels_match_reference_in_triton_interpreter():
