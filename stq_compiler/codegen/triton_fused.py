@@ -423,17 +423,18 @@ def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, group_m=8):
     )
 
 
-# Hopper: BLOCK_K counts codes (a packed operand moves BLOCK_K // 2 bytes a step). Every one
-# compiles for sm_90a without register spills (ptxas -v, benchmarks/sm90_codegen.py); BLOCK_M >= 64
-# runs on wgmma (IGMMA in SASS), narrower row tiles on mma.sync (IMMA).
+# Hopper: BLOCK_K counts codes (a packed operand moves BLOCK_K // 2 bytes a step). Compiled for
+# sm_90a (python -m stq_compiler.codegen.hopper_codegen): all software-pipelined, BLOCK_M >= 64 on
+# wgmma (IGMMA in SASS), narrower row tiles on mma.sync (IMMA); no register spills but ~50 bytes
+# in the epilogue of the 128 x 256 tiles.
 _GPU_GEMM_CONFIGS = [
     _gemm_config(128, 256, 128, 8, 3),
     _gemm_config(128, 256, 64, 8, 4),
     _gemm_config(128, 128, 128, 8, 4),
-    _gemm_config(128, 128, 64, 4, 4),
+    _gemm_config(128, 128, 64, 8, 4),
     _gemm_config(64, 256, 128, 8, 3),
     _gemm_config(64, 128, 128, 4, 4),
-    # with SwiGLU (two accumulators): at most 8192 outputs a program
+    # for SwiGLU (two accumulators, see swiglu_fits)
     _gemm_config(128, 64, 128, 8, 4),
     _gemm_config(64, 128, 128, 8, 4),
     _gemm_config(64, 64, 128, 4, 4),
@@ -443,7 +444,11 @@ _GPU_GEMM_CONFIGS = [
     _gemm_config(32, 128, 128, 4, 4),
     _gemm_config(32, 64, 128, 4, 4),
 ]
-SWIGLU_MAX_TILE = 8192
+
+
+def swiglu_fits(config) -> bool:
+    """SwiGLU keeps two int32 accumulators: at most 32 outputs a thread each (more spills)."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 32 * 32 * config.num_warps
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -456,7 +461,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
         cap = max(16, triton.next_power_of_2(m))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
     if swiglu:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= SWIGLU_MAX_TILE]
+        kept = [c for c in kept if swiglu_fits(c)]
     return kept
 
 
