@@ -381,3 +381,42 @@ else:
         # codes may differ at a rounding tie (see assert_codes_agree); compare loosely
         err = (y.float() - y_ref.float()).norm() / y_ref.float().norm()
         assert err < 1e-2, err
+
+    # ------------------------------------------------------------------------------------------
+    # A whole fused model graph through the kernels
+
+    @pytest.mark.parametrize("arch", ["llada", "dream"])
+    def test_fused_model_graph_runs_on_the_kernels(arch):
+        from stq_compiler.analysis import analyze
+        from stq_compiler.passes.fuse import fuse_quantized_sites
+        from stq_compiler.passes.quantize_linears import quantize_linears
+        from stq_compiler.passes.token_state import insert_token_state
+        from tests.conftest import capture_graphs, logits_of, sqnr_db, tiny_model
+
+        model = tiny_model(arch, **({"n_layers": 1} if arch == "llada" else {"num_hidden_layers": 1}))
+        mask_id = model.config.mask_token_id
+        ids = torch.randint(0, mask_id, (2, 9), generator=_gen("model", arch))
+        ids[0, 4:] = mask_id
+        (gm, inputs), = capture_graphs(model, ids)
+        analysis = analyze(gm, inputs)
+        gm, _ = insert_token_state(gm, analysis.state_source, mask_id)
+        gm, _ = quantize_linears(gm, analysis, 4, 4, gm.meta["stq_token_state"])
+        with torch.no_grad():
+            reference = logits_of(model(ids))
+            unfused = next(o for o in gm(*inputs) if isinstance(o, torch.Tensor) and o.shape == reference.shape)
+            gm, _ = fuse_quantized_sites(gm)
+            calls = {"n": 0}
+            launch = triton_fused.fused_linear_triton
+
+            def counting(*a, **k):
+                calls["n"] += 1
+                return launch(*a, **k)
+
+            mp = pytest.MonkeyPatch()
+            mp.setattr(triton_fused, "fused_linear_triton", counting)
+            try:
+                fused = next(o for o in gm(*inputs) if isinstance(o, torch.Tensor) and o.shape == reference.shape)
+            finally:
+                mp.undo()
+        assert calls["n"] == 6  # q, k, v; o + residual; gate/up + SwiGLU; down + residual
+        assert abs(sqnr_db(reference, fused) - sqnr_db(reference, unfused)) < 1.5

@@ -142,3 +142,32 @@ def test_shared_norm_output_is_left_alone():
     gm, report = fuse_quantized_sites(gm)
     assert torch.equal(run(gm, inputs)[-1], before[-1])
     assert report.details["rms_norm"] == 2 * LAYERS - 1 and report.details["norm_weight"] == 2 * LAYERS - 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_fused_graph_on_cuda_runs_the_kernels_as_accurately(arch):
+    # On CUDA both graphs run Triton kernels (the fused ones: tf32x3 Kronecker, packed GEMM), so
+    # they differ at rounding ties; against the float model they must be equally accurate.
+    overrides = {"n_layers": LAYERS} if arch == "llada" else {"num_hidden_layers": LAYERS}
+    model = tiny_model(arch, **overrides).cuda()
+    mask_id = model.config.mask_token_id
+    ids = torch.randint(0, mask_id, (2, 33), generator=torch.Generator().manual_seed(3)).cuda()
+    ids[0, 16:] = mask_id
+    (gm, inputs), = capture_graphs(model, ids)
+    analysis = analyze(gm, inputs)
+    gm, _ = insert_token_state(gm, analysis.state_source, mask_id)
+    gm, _ = quantize_linears(gm, analysis, 4, 4, gm.meta["stq_token_state"])
+    with torch.no_grad():
+        reference = logits_of(model(ids)).float()
+    unfused = next(o for o in run(gm, inputs) if o.shape == reference.shape).float()
+    gm, report = fuse_quantized_sites(gm)
+    fused = next(o for o in run(gm, inputs) if o.shape == reference.shape).float()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = next(o for o in torch.compile(gm)(*inputs) if isinstance(o, torch.Tensor) and o.shape == reference.shape).float()
+    s_unfused, s_fused, s_compiled = (sqnr_db(reference, y) for y in (unfused, fused, compiled))
+    print(f"[stq-cuda] fuse pass {arch} W4A4: SQNR vs float unfused {s_unfused:.2f} dB fused {s_fused:.2f} dB "
+          f"compiled {s_compiled:.2f} dB, {report.details}")
+    assert abs(s_fused - s_unfused) < 1.5 and abs(s_compiled - s_fused) < 0.5
