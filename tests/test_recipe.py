@@ -234,7 +234,7 @@ def test_fingerprint_from_bindings_keeps_parameters_only():
 
 
 def test_fingerprint_of_captured_graph_matches_model():
-    from conftest import capture_graphs
+    from tests.conftest import capture_graphs
 
     from stq_compiler.capture import bind_tensors
 
