@@ -18,6 +18,9 @@ quantizer, walking back from it as far as each node has no other reader, in the 
 and per linear one ``stq.fused_linear`` on packed weights (4-bit: ``pack_int4``, new buffers;
 the int8 ones are dropped), with the epilogue it can take:
 
+* a site's linears without an epilogue (q/k/v) become one GEMM over their stacked weights,
+  its output split back (``torch.split`` along the last dimension);
+
 * SwiGLU: ``silu(gate) * up`` where gate and up are linears of one site becomes one GEMM over
   the concatenated weight [gate; up];
 * residual: ``r + linear`` (either order) of one shape and dtype becomes the GEMM's residual add.
@@ -227,6 +230,45 @@ def _copy_value_meta(old: fx.Node, new: fx.Node) -> None:
             new.meta[key] = old.meta[key]
 
 
+def _concatenate(gm, graph, linears: list[fx.Node], old_weights: set) -> fx.Node:
+    """One GEMM over the stacked weights of linears that read the same codes (q/k/v), its output
+    split back along the last dimension: ``getitem(split(y, widths, -1), i)`` for linear i."""
+    weights = [[getattr(gm, lin.args[i].target) for lin in linears] for i in (3, 4, 5)]
+    widths = [w.shape[0] for w in weights[0]]
+    w_bits = _w_bits(linears[0])
+    wq = torch.cat(weights[0])
+    prefix = linears[0].args[3].target + "_cat"
+    first = min(linears, key=lambda n: list(graph.nodes).index(n))
+    with graph.inserting_before(first):
+        w_node = _constant(gm, prefix + ("_packed" if w_bits == 4 else ""), pack_int4(wq) if w_bits == 4 else wq, graph)
+        s_node = _constant(gm, prefix + "_scale", torch.cat(weights[1]), graph)
+        sum_node = _constant(gm, prefix + "_sum", torch.cat(weights[2]), graph)
+        bias = None
+        biases = [lin.args[6] for lin in linears]
+        if any(b is not None for b in biases):
+            parts = []
+            for lin, b in zip(linears, biases):
+                if b is None:
+                    ref = next(x for x in biases if x is not None)
+                    b = graph.call_function(torch.zeros, (getattr(gm, lin.args[4].target).shape[0],),
+                                            {"dtype": _value(gm, ref).dtype if _value(gm, ref) is not None else torch.float32,
+                                             "device": getattr(gm, lin.args[4].target).device})
+                parts.append(b)
+            bias = graph.call_function(torch.cat, (parts,))
+        y = graph.call_function(FUSED_LINEAR, (*first.args[:3], w_node, s_node, sum_node, bias, None, False, first.args[7]))
+        y.meta["stq_linear"] = {"epilogue": "none", "w_bits": w_bits,
+                                "fqns": [lin.meta.get("stq_linear", {}).get("fqn") for lin in linears]}
+        parts = graph.call_function(torch.split, (y, widths, -1))
+        for i, lin in enumerate(linears):
+            out = graph.call_function(operator.getitem, (parts, i))
+            _copy_value_meta(lin, out)
+            old_weights.update(lin.args[j].target for j in (3, 4, 5))
+            lin.replace_all_uses_with(out)
+    for lin in linears:
+        graph.erase_node(lin)
+    return y
+
+
 def _w_bits(linear: fx.Node) -> int:
     return linear.meta.get("stq_linear", {}).get("w_bits", 8)
 
@@ -234,7 +276,7 @@ def _w_bits(linear: fx.Node) -> int:
 def fuse_quantized_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassReport]:
     report = PassReport("fuse_quantized_sites", nodes_before=count_nodes(gm))
     graph = gm.graph
-    counts = {"sites_fused": 0, "linears_fused": 0, "swiglu": 0, "residual": 0,
+    counts = {"sites_fused": 0, "linears_fused": 0, "concatenated": 0, "swiglu": 0, "residual": 0,
               "rms_norm": 0, "norm_weight": 0, "tac": 0, "smooth": 0, "kron": 0}
     old_weights = set()
     for quantize in [n for n in graph.nodes if _calls(n, {QUANTIZE})]:
@@ -289,6 +331,12 @@ def fuse_quantized_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassReport
             done.update((gate, up))
             counts["swiglu"] += 1
             counts["linears_fused"] += 2
+        plain = [lin for lin in linears if lin not in done and _residual_epilogue(lin) is None]
+        if len(plain) >= 2 and len({lin.args[7] for lin in plain}) == 1 and len({_w_bits(lin) for lin in plain}) == 1:
+            _concatenate(gm, graph, plain, old_weights)
+            done.update(plain)
+            counts["concatenated"] += 1
+            counts["linears_fused"] += len(plain)
         for lin in linears:
             if lin in done:
                 continue

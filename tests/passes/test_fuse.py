@@ -1,5 +1,5 @@
 """fuse_quantized_sites: one fused quantizer per site (norm, TAC, smoothing and Kronecker absorbed),
-one fused GEMM per linear or SwiGLU pair (residual adds absorbed), packed 4-bit weights; on a
+one fused GEMM per q/k/v group, SwiGLU pair or linear (residual adds absorbed), packed 4-bit weights; on a
 float32 model the fused graph computes exactly what the unfused one did."""
 
 import operator
@@ -70,7 +70,8 @@ def test_fused_graph_is_exact_on_float32_models(arch, transformed, w_bits, a_bit
     assert QUANTIZE not in found and LINEAR not in found
     assert found.count(FUSED_QUANTIZE) == sites == d["sites_fused"] == 4 * LAYERS
     assert d["swiglu"] == LAYERS and d["residual"] == 2 * LAYERS  # gate/up; o and down
-    assert found.count(FUSED_LINEAR) == linears - d["swiglu"] and d["linears_fused"] == linears
+    assert d["concatenated"] == LAYERS  # q/k/v: one GEMM over the stacked weights, split after
+    assert found.count(FUSED_LINEAR) == linears - d["swiglu"] - 2 * d["concatenated"] and d["linears_fused"] == linears
     assert d["rms_norm"] == 2 * LAYERS  # the q/k/v and gate/up inputs
     if transformed:  # norm weights folded into W; every site rotated and smoothed, TAC in front of o
         assert (d["kron"], d["smooth"], d["tac"], d["norm_weight"]) == (sites, sites, LAYERS, 0)
