@@ -20,7 +20,6 @@ the int8 ones are dropped), with the epilogue it can take:
 
 * a site's linears without an epilogue (q/k/v) become one GEMM over their stacked weights,
   its output split back (``torch.split`` along the last dimension);
-
 * SwiGLU: ``silu(gate) * up`` where gate and up are linears of one site becomes one GEMM over
   the concatenated weight [gate; up];
 * residual: ``r + linear`` (either order) of one shape and dtype becomes the GEMM's residual add.
