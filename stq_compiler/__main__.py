@@ -142,13 +142,17 @@ def inspect_command(args) -> int:
     if kinds:
         print(f"\nwrote {', '.join(sorted(kinds))} to {out}/graph_<n>*")
     if args.kernels:
-        from stq_compiler.codegen.triton_rtn import kernel_sources
+        from stq_compiler.codegen import triton_fused, triton_rtn
 
         kernel_dir = out / "kernels"
-        kernel_dir.mkdir(parents=True, exist_ok=True)
-        for name, source in kernel_sources().items():
-            (kernel_dir / f"{name}.py").write_text(source)
-        print(f"wrote {len(kernel_sources())} kernel sources to {kernel_dir}")
+        written = 0
+        # the round-to-nearest kernels at the top, the fused ones (fused_quantize, fused_linear) in fused/
+        for folder, sources in ((kernel_dir, triton_rtn.kernel_sources()), (kernel_dir / "fused", triton_fused.kernel_sources())):
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, source in sources.items():
+                (folder / f"{name}.py").write_text(source)
+                written += 1
+        print(f"wrote {written} kernel sources to {kernel_dir}")
     return 0
 
 

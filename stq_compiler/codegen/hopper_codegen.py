@@ -1,0 +1,208 @@
+"""Compile the fused kernels for Hopper (sm_90a) without a GPU, and report what the chip would run.
+
+Triton compiles to PTX and ``ptxas`` (both in the Triton wheel) needs no driver, so on a CPU
+machine we can still see, per kernel variant: shared memory, registers, register spills (ptxas
+``-v``), whether the main loop is software-pipelined (asynchronous global->shared copies in the
+TTGIR) and which matrix instruction the SASS uses (``IGMMA``/``HGMMA``: wgmma; ``IMMA``/``HMMA``:
+mma.sync). Arguments are specialised as a real launch would be (pointers and integers divisible
+by 16 marked so, integers equal to 1 made constants).
+
+    python -m stq_compiler.codegen.hopper_codegen            # the table for every fused variant
+
+Used by ``benchmarks/sm90_codegen.py`` and a test that pins the key variants (no spills, wgmma).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+import triton
+
+# H100/H200: 227 KB of shared memory a block at most.
+SM90_MAX_SHARED = 232448
+
+
+@dataclass
+class KernelResources:
+    name: str
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+    async_copies: int  # asynchronous global->shared copies in the TTGIR: > 0 when pipelined
+    mma: list[str]  # matrix instructions in the SASS
+
+    @property
+    def uses_wgmma(self) -> bool:
+        return any(op.endswith("GMMA") for op in self.mma)
+
+    def row(self) -> str:
+        return (f"{self.name:<52} smem={self.shared_bytes:>7} regs={self.registers:>3} "
+                f"spill={self.spill_bytes:>5} async_copies={self.async_copies:>2} mma={','.join(self.mma) or '-'}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _nvidia_bin(tool: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def available() -> bool:
+    """Whether this Triton can compile for sm_90a here (its ptxas and cuobjdump are present)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists(_nvidia_bin("ptxas")) and os.path.exists(_nvidia_bin("cuobjdump"))
+
+
+def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """``args``: argument name -> pointer type string (``"*i8"``, 16-byte aligned) or a sample
+    value (int or float); ``constexprs``: the ``tl.constexpr`` arguments."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel
+    while not hasattr(fn, "arg_names"):  # Autotuner / Heuristics wrap the JITFunction
+        fn = fn.fn
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = constexprs.get(name, args.get(name))
+        if name in constexprs:
+            signature[name], constants[(i,)] = "constexpr", value
+        elif isinstance(value, str):
+            signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constants[(i,)] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": False}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resources(compiled, name: str) -> KernelResources:
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        info = subprocess.run([_nvidia_bin("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                              capture_output=True, text=True, check=True).stderr
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+
+    def number(pattern):
+        found = re.search(pattern, info)
+        return int(found.group(1)) if found else 0
+
+    return KernelResources(
+        name=name,
+        shared_bytes=compiled.metadata.shared,
+        registers=number(r"Used (\d+) registers"),
+        spill_bytes=number(r"(\d+) bytes spill stores"),
+        async_copies=len(re.findall(r"async_copy_global_to_local|async_tma_copy", compiled.asm["ttgir"])),
+        mma=sorted(set(re.findall(r"\b([A-Z]GMMA|[A-Z]MMA)\b", sass))),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused kernels' variants
+
+
+def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResources:
+    """``_fused_linear_kernel`` for one autotuning config and operand mode, at an even shape."""
+    from stq_compiler.codegen import triton_fused
+
+    kb = k // 2
+    args = {
+        "a_ptr": "*u8" if a_packed else "*i8", "b_ptr": "*u8" if b_packed else "*i8",
+        "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "w_sum_ptr": "*i32",
+        "bias_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16",
+        "M": m, "N": n, "K": k, "KB": kb,
+        "stride_am": kb if a_packed else k, "stride_ak": 1, "stride_bn": kb if b_packed else k, "stride_bk": 1,
+        "stride_rm": n, "stride_ym": n,
+    }
+    constexprs = {
+        "A_PACKED": a_packed, "B_PACKED": b_packed, "HAS_BIAS": False, "SWIGLU": swiglu, "HAS_RESIDUAL": not swiglu,
+        "BF16_BITS": False, "EVEN_K": True, **config.kwargs,
+    }
+    compiled = compile_sm90(triton_fused._fused_linear_kernel_body, args, constexprs, config.num_warps, config.num_stages)
+    kw = config.kwargs
+    mode = f"{'w4' if b_packed else 'w8'}{'a4' if a_packed else 'a8'}{' swiglu' if swiglu else ''}"
+    name = f"gemm {mode} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    return resources(compiled, name)
+
+
+def quantize_variant(spec, m: int = 4096, name: str = "") -> KernelResources:
+    """``_fused_quantize_kernel`` for one ``FusedQuantizeSpec`` (bfloat16 input)."""
+    from stq_compiler.codegen import triton_fused
+
+    k, bits = spec.features, spec.bits
+    d1, d2, d1p, d2p, block_m = triton_fused._quantize_tile(spec, m)
+    ptrs = ("norm_w_ptr", "tac_m_ptr", "tac_d_ptr", "inv_smooth_ptr", "p1_ptr", "p2_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr")
+    args = {p: "*fp32" for p in ptrs}
+    args.update({"x_ptr": "*bf16", "q_ptr": "*u8" if bits == 4 else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
+                 "M": m, "stride_xm": k, "stride_qm": (k + 1) // 2 if bits == 4 else k, "eps": 1e-5})
+    constexprs = {
+        "K": k, "D1": d1, "D2": d2, "D1P": d1p, "D2P": d2p,
+        "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": bits == 4,
+        "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight, "TAC_G": spec.tac_group,
+        "HAS_SMOOTH": spec.smooth, "HAS_KRON": spec.kron is not None, "HAS_GATE": spec.gate,
+        "BLOCK_M": block_m, "KRON_PRECISION": triton_fused.KRON_PRECISION,
+    }
+    warps = triton_fused._quantize_warps(block_m * d1p * d2p)
+    compiled = compile_sm90(triton_fused._fused_quantize_kernel, args, constexprs, warps, 1)
+    label = name or " ".join(spec.stages)
+    return resources(compiled, f"quantize {label} K={k} tile={block_m}x{d1p}x{d2p} w{warps}")
+
+
+def site_specs():
+    """(name, FusedQuantizeSpec) of every activation site of LLaDA-8B and Dream-7B whose
+    Kronecker transform the kernel fuses (the MLP down sites fall back, see triton_fused)."""
+    from stq_compiler.calibration.transforms import kronecker_factors
+    from stq_compiler.fused_ops import FusedQuantizeSpec
+
+    specs = []
+    for model, hidden in (("llada", 4096), ("dream", 3584)):
+        kron = kronecker_factors(hidden)
+        specs.append((f"{model} qkv/gate_up", FusedQuantizeSpec(hidden, 4, rms_norm=True, kron=kron, gate=True)))
+        specs.append((f"{model} o", FusedQuantizeSpec(hidden, 4, tac_group=16, kron=kron, gate=True)))
+    for k in (12288, 18944):  # the down sites' gate + quantize after the PyTorch fallback
+        specs.append((f"down K={k}", FusedQuantizeSpec(k, 4, gate=True)))
+    return specs
+
+
+def all_variants():
+    from stq_compiler.codegen import triton_fused
+
+    for name, spec in site_specs():
+        yield lambda name=name, spec=spec: quantize_variant(spec, name=name)
+    for a_packed, b_packed in ((True, True), (False, False), (False, True)):
+        for swiglu in (False, True):
+            for config in triton_fused.gemm_configs():
+                if swiglu and not triton_fused.swiglu_fits(config):
+                    continue
+                yield lambda c=config, a=a_packed, b=b_packed, s=swiglu: gemm_variant(c, a, b, s)
+
+
+def main() -> list[KernelResources]:
+    rows = []
+    for make in all_variants():
+        row = make()
+        print(row.row(), flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,573 @@
+"""Triton kernels for ``stq::fused_quantize`` and ``stq::fused_linear`` (``stq_compiler.fused_ops``).
+
+``_fused_quantize_kernel``: one program per ``BLOCK_M`` tokens, the whole (padded) token in
+registers as a ``[BLOCK_M, D1P, D2P]`` tile, feature ``i·d2 + j`` at ``[:, i, j]`` (the token's
+``[d1, d2]`` matrix of the Kronecker transform; ``d1 = 1`` without one). The stages are
+``tl.constexpr`` switches, so each ``FusedQuantizeSpec`` compiles to its own straight-line
+kernel. Float work:
+
+* RMSNorm: sum of squares over the tile, ``1 / sqrt_rn(ss / K + eps)``, times the norm weight;
+* TAC: output feature c = Σ_j z[g·⌊c/g⌋ + j] · M[c, j] + d[c], as g gathered loads of the
+  (re-normalised) input: a block affine mixes neighbours that may sit anywhere in the tile's
+  register layout, and the row is in L1 anyway;
+* Kronecker: ``X P2`` as one ``tl.dot`` on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)``
+  as a dot on the transposed view, with ``KRON_PRECISION = "tf32x3"``: three TF32 tensor-core
+  products (hi·hi + hi·lo + lo·hi) accurate to about float32 (plain TF32 would cost ~1e-3
+  relative error and flip many codes). ``"ieee"`` is exact float32 but lowers to unrolled FMAs
+  that spill ~10 KB a thread at d = 4096 on sm_90a (ptxas -v); the interpreter ignores the
+  setting and multiplies in float32;
+* gate, min/max, IEEE divisions and ``floor(v + 0.5)`` as in ``stq::quantize_per_token``.
+
+So the float parts differ from the reference by float32 summation order (the sum of squares,
+the TAC sums) and, on the GPU, tf32x3's dropped lo·lo term: about 1e-6 relative. Factors whose padded tile exceeds
+``MAX_FUSED_KRON_TILE`` (the MLP down sites at 8B scale) are not fused yet: their float stages
+run as PyTorch ops before the kernel. 4-bit codes are packed (``fused_ops`` docstring) by
+splitting the tile's last axis into even/odd pairs, so ``d2`` must be even (or ``d1 = 1``).
+
+``_fused_linear_kernel``: the tiled int8 GEMM of ``triton_rtn`` generalised to packed operands.
+With a packed operand it walks K by byte (``BLOCK_K // 2`` bytes, ``BLOCK_K`` codes) and runs
+two int8 dots per step, even-k planes and odd-k planes (for W4A8, the int8 activation tile is
+loaded whole and split into its even and odd columns in registers). Epilogue in float32: ``(acc·x_scale)·w_scale
++ bias``, then SwiGLU (two accumulators, the gate rows at n and the up rows at n + N/2) or a
+residual add, one cast. Compiled with ``enable_fp_fusion=False`` like ``triton_rtn``.
+
+Under ``TRITON_INTERPRET=1`` (read at import) both run on CPU tensors with one large-block
+configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import textwrap
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _ops():
+    return importlib.import_module("stq_compiler.fused_ops")
+
+
+def _device_of(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# The activation side: [norm] -> [TAC] -> [smooth] -> [kron] -> [gate] -> quantize -> [pack]
+
+
+@triton.jit
+def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr):
+    if HAS_NORM:
+        x = x * rstd
+        if HAS_NORM_WEIGHT:
+            x = w * x
+    return x
+
+
+@triton.jit
+def _fused_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    norm_w_ptr, tac_m_ptr, tac_d_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
+    is_masked_ptr, gate_m_ptr, gate_u_ptr,
+    M, stride_xm, stride_qm, eps,
+    K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+    TAC_G: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_KRON: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, KRON_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    i = tl.arange(0, D1P)[None, :, None]
+    j = tl.arange(0, D2P)[None, None, :]
+    col = i * D2 + j  # [1, D1P, D2P]
+    col_ok = (i < D1) & (j < D2)
+    ok = row_ok[:, None, None] & col_ok
+    x_row = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm
+    x = tl.load(x_row + col, mask=ok, other=0.0).to(tl.float32)
+
+    rstd = tl.zeros([BLOCK_M, 1, 1], dtype=tl.float32)
+    norm_w = tl.zeros([1, D1P, D2P], dtype=tl.float32)  # unused without a norm weight
+    if HAS_NORM:
+        ss = tl.sum(tl.sum(x * x, axis=2), axis=1)
+        ms = tl.math.div_rn(ss, tl.full([BLOCK_M], K, tl.float32)) + eps
+        rstd = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.math.sqrt_rn(ms))
+        rstd = rstd[:, None, None]
+        if HAS_NORM_WEIGHT:
+            norm_w = tl.load(norm_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
+
+    if TAC_G > 0:
+        # out[c] = sum_j z[G*(c // G) + j] * M[c // G, c % G, j] + d[c], with M[c//G, c%G, j] at c*G + j
+        block_start = (col // TAC_G) * TAC_G
+        acc = tl.zeros([BLOCK_M, D1P, D2P], dtype=tl.float32)
+        for jj in tl.static_range(TAC_G):
+            src = block_start + jj
+            z = tl.load(x_row + src, mask=ok, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                w_src = norm_w
+                if HAS_NORM_WEIGHT:
+                    w_src = tl.load(norm_w_ptr + src, mask=col_ok, other=0.0).to(tl.float32)
+                z = _normalised(z, rstd, w_src, HAS_NORM, HAS_NORM_WEIGHT)
+            m = tl.load(tac_m_ptr + col * TAC_G + jj, mask=col_ok, other=0.0).to(tl.float32)
+            acc += z * m
+        x = acc + tl.load(tac_d_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+
+    if HAS_SMOOTH:
+        x = x * tl.load(inv_smooth_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+
+    if HAS_KRON:
+        # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
+        r2 = tl.arange(0, D2P)
+        p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
+        xp2 = tl.dot(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), input_precision=KRON_PRECISION)
+        xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
+        r1 = tl.arange(0, D1P)
+        p1 = tl.load(p1_ptr + r1[:, None] * D1 + r1[None, :], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
+        y_t = tl.dot(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), input_precision=KRON_PRECISION)
+        x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
+
+    if HAS_GATE:
+        masked = tl.load(is_masked_ptr + rows, mask=row_ok, other=0) != 0
+        g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        g_u = tl.load(gate_u_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        x = x * tl.where(masked[:, None, None], g_m, g_u)
+    x = tl.where(ok, x, 0.0)  # padding is 0 after every stage; make sure, so it cannot move lo/hi
+
+    lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
+    hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
+    scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
+    scale = tl.where(scale > 0, scale, 1.0)
+    zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
+
+    scale_tile = tl.broadcast_to(scale[:, None, None], (BLOCK_M, D1P, D2P))
+    q = tl.floor(tl.math.div_rn(x, scale_tile) + 0.5) + zero[:, None, None]
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
+    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
+    if PACK:
+        q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
+        even, odd = tl.split(tl.reshape(q, (BLOCK_M, D1P, D2P // 2, 2)))
+        byte = (even & 0xF) | ((odd & 0xF) << 4)
+        jb = tl.arange(0, D2P // 2)[None, None, :]
+        byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
+        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
+    else:
+        tl.store(q_row + col, q.to(tl.int8), mask=ok)
+
+
+# The Kronecker stage holds a token's padded [D1P, D2P] matrix and both factors in one program
+# (the dots stage them through shared memory): up to 64 x 128 float32 (LLaDA's and Dream's hidden
+# sizes: 64 x 64). Larger ones (the MLP down sites: 96 x 128, 128 x 148) fall back to PyTorch for
+# the float stages; see the report in the module docstring.
+MAX_FUSED_KRON_TILE = 8192
+
+# tl.dot precision of the Kronecker stage (float32 operands).
+KRON_PRECISION = "tf32x3"
+
+
+def _kron_tile(d1: int, d2: int) -> int:
+    return max(16, triton.next_power_of_2(d1)) * max(16, triton.next_power_of_2(d2))
+
+
+def _quantize_tile(spec, m: int) -> tuple[int, int, int, int, int]:
+    """(d1, d2, D1P, D2P, BLOCK_M): the token tile and how many tokens a program takes."""
+    if spec.kron is not None:
+        d1, d2 = spec.kron
+        # tl.dot wants every dimension >= 16
+        d1p, d2p = max(16, triton.next_power_of_2(d1)), max(16, triton.next_power_of_2(d2))
+        if d1p * d2p > MAX_FUSED_KRON_TILE:
+            raise ValueError(f"Kronecker factors {spec.kron} are too large for the fused kernel")
+    else:
+        d1, d2 = 1, spec.features
+        d1p, d2p = 1, max(2, triton.next_power_of_2(d2))
+    budget = 16384 if INTERPRET else 8192  # float32 elements a program holds per tile
+    block_m = max(1, min(triton.next_power_of_2(m), budget // (d1p * d2p)))
+    return d1, d2, d1p, d2p, block_m
+
+
+def _quantize_warps(elements: int) -> int:
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
+def fused_quantize_triton(
+    x, bits, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
+    p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None,
+):
+    """``stq::fused_quantize`` in Triton (see the module docstring)."""
+    ops = _ops()
+    spec = ops.fused_quantize_spec(x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2,
+                                   is_masked, gate_masked, gate_unmasked)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE:
+        # Too large for one program's registers and shared memory: the float stages run as
+        # PyTorch ops, the kernel gates, quantizes and packs.
+        x = ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
+        return fused_quantize_triton(x, bits, is_masked=is_masked, gate_masked=gate_masked, gate_unmasked=gate_unmasked)
+    if x.dtype not in _LOADABLE_DTYPES:
+        x = x.float()
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    width = (k + 1) // 2 if bits == 4 else k
+    q = torch.empty((m, width), dtype=torch.uint8 if bits == 4 else torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    zero = torch.empty((m,), dtype=torch.int32, device=x.device)
+    if m > 0:
+        dummy = scale  # pointer for absent operands: never read
+
+        def arg(t):
+            return t.contiguous() if t is not None else dummy
+
+        state = dummy
+        if spec.gate:
+            state = is_masked.reshape(-1).contiguous().view(torch.uint8)
+        d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        extra = {} if INTERPRET else {"num_warps": _quantize_warps(block_m * d1p * d2p), "enable_fp_fusion": False}
+        with _device_of(x2):
+            _fused_quantize_kernel[(triton.cdiv(m, block_m),)](
+                x2, q, scale, zero,
+                arg(norm_weight), arg(tac_m), arg(tac_d), arg(inv_smooth), arg(p1), arg(p2),
+                state, arg(gate_masked), arg(gate_unmasked),
+                m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
+                K=k, D1=d1, D2=d2, D1P=d1p, D2P=d2p,
+                QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1), PACK=bits == 4,
+                HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight,
+                TAC_G=spec.tac_group, HAS_SMOOTH=spec.smooth, HAS_KRON=spec.kron is not None, HAS_GATE=spec.gate,
+                BLOCK_M=block_m, KRON_PRECISION=KRON_PRECISION, **extra,
+            )
+    return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GEMM: int8 / packed int4 operands, int32 accumulation, fused epilogue
+
+
+@triton.jit
+def _k_planes(ptrs, k_idx, K, KB, PACKED: tl.constexpr, EVEN_K: tl.constexpr, stride_k):
+    """(even-k codes, odd-k codes) of one K step of the weight, as int8 [HALF, BLOCK_N] tiles.
+    ``k_idx`` is the pair index j (codes 2j, 2j + 1): packed, one byte; unpacked, two loads."""
+    if PACKED:
+        if EVEN_K:
+            b = tl.load(ptrs)
+        else:
+            b = tl.load(ptrs, mask=k_idx < KB, other=0)
+        b = b.to(tl.int8, bitcast=True)
+        return (b << 4) >> 4, b >> 4
+    else:
+        if EVEN_K:
+            even = tl.load(ptrs)
+            odd = tl.load(ptrs + stride_k)
+        else:
+            even = tl.load(ptrs, mask=2 * k_idx < K, other=0)
+            odd = tl.load(ptrs + stride_k, mask=2 * k_idx + 1 < K, other=0)
+        return even, odd
+
+
+@triton.jit
+def _a_planes(ptrs, k_idx, K, KB, PACKED: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+    """(even-k codes, odd-k codes) of one K step of the activation, as int8 [BLOCK_M, HALF]
+    tiles. Packed: [BLOCK_M, HALF] bytes; unpacked: a contiguous [BLOCK_M, 2·HALF] tile split
+    into its even and odd columns in registers (``k_idx`` is then the code index)."""
+    if PACKED:
+        if EVEN_K:
+            b = tl.load(ptrs)
+        else:
+            b = tl.load(ptrs, mask=k_idx < KB, other=0)
+        b = b.to(tl.int8, bitcast=True)
+        return (b << 4) >> 4, b >> 4
+    else:
+        if EVEN_K:
+            a = tl.load(ptrs)
+        else:
+            a = tl.load(ptrs, mask=k_idx < K, other=0)
+        return tl.split(tl.reshape(a, (BLOCK_M, HALF, 2)))
+
+
+@triton.jit
+def _epilogue_tile(acc, x_zero, x_scale, w_ptrs_n, w_sum_ptr, w_scale_ptr, bias_ptr, n_ok, HAS_BIAS: tl.constexpr):
+    w_sum = tl.load(w_sum_ptr + w_ptrs_n, mask=n_ok, other=0)
+    acc = acc - x_zero[:, None] * w_sum[None, :]
+    w_scale = tl.load(w_scale_ptr + w_ptrs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]  # (acc * x_scale) * w_scale
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + w_ptrs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _bfloat16_bits_rne(y):
+    """float32 -> bfloat16 bit pattern (int16), rounding to nearest even (the interpreter truncates)."""
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+    bits = tl.where(y != y, 0x7FC0, bits)  # noqa: PLR0124 (NaN -> quiet NaN)
+    return bits.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _fused_linear_kernel_body(
+    a_ptr, b_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, res_ptr, y_ptr,
+    M, N, K, KB,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_rm, stride_ym,
+    A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BF16_BITS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # N is the output width (half the weight rows with SwiGLU).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_m
+    pid_n = (pid % pids_per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_rows = (offs_m % M).to(tl.int64)  # past the edge: re-read valid rows, masked at the store
+    b_rows = (offs_n % N).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    up_offset = N * stride_bn
+    HALF: tl.constexpr = BLOCK_K // 2  # a K step of BLOCK_K codes: BLOCK_K // 2 pairs (packed bytes)
+
+    if A_PACKED or B_PACKED:
+        offs_j = tl.arange(0, HALF)
+        A_WIDTH: tl.constexpr = HALF if A_PACKED else BLOCK_K  # bytes or codes of A a step
+        offs_a = tl.arange(0, A_WIDTH)
+        b_step = stride_bk if B_PACKED else 2 * stride_bk
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_a[None, :] * stride_ak
+        b_ptrs = b_ptr + b_rows[None, :] * stride_bn + offs_j[:, None] * b_step  # [HALF, BLOCK_N]
+        for kb in range(tl.cdiv(KB, HALF)):
+            k_a = kb * A_WIDTH + offs_a[None, :]
+            j_b = kb * HALF + offs_j[:, None]
+            a_even, a_odd = _a_planes(a_ptrs, k_a, K, KB, A_PACKED, EVEN_K, BLOCK_M, HALF)
+            b_even, b_odd = _k_planes(b_ptrs, j_b, K, KB, B_PACKED, EVEN_K, stride_bk)
+            acc = tl.dot(a_even, b_even, acc, out_dtype=tl.int32)
+            acc = tl.dot(a_odd, b_odd, acc, out_dtype=tl.int32)
+            if SWIGLU:
+                u_even, u_odd = _k_planes(b_ptrs + up_offset, j_b, K, KB, B_PACKED, EVEN_K, stride_bk)
+                acc_up = tl.dot(a_even, u_even, acc_up, out_dtype=tl.int32)
+                acc_up = tl.dot(a_odd, u_odd, acc_up, out_dtype=tl.int32)
+            a_ptrs += A_WIDTH * stride_ak
+            b_ptrs += HALF * b_step
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + b_rows[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if SWIGLU:
+                if EVEN_K:
+                    u = tl.load(b_ptrs + up_offset)
+                else:
+                    u = tl.load(b_ptrs + up_offset, mask=offs_k[:, None] < k_left, other=0)
+                acc_up = tl.dot(a, u, acc_up, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_zero = tl.load(x_zero_ptr + offs_m, mask=m_ok, other=0)
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    y = _epilogue_tile(acc, x_zero, x_scale, offs_n, w_sum_ptr, w_scale_ptr, bias_ptr, n_ok, HAS_BIAS)
+    if SWIGLU:
+        up = _epilogue_tile(acc_up, x_zero, x_scale, offs_n + N, w_sum_ptr, w_scale_ptr, bias_ptr, n_ok, HAS_BIAS)
+        sig = tl.math.div_rn(tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32), 1.0 + tl.exp(-y))
+        y = (y * sig) * up
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+        y = y + tl.load(r_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if BF16_BITS:
+        y = _bfloat16_bits_rne(y)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _even_k(args) -> bool:
+    if args["A_PACKED"] or args["B_PACKED"]:
+        # every pair step whole, and an unpacked operand's odd column always inside K
+        return args["KB"] % (args["BLOCK_K"] // 2) == 0 and args["K"] == 2 * args["KB"]
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+_EVEN_K = triton.heuristics({"EVEN_K": _even_k})
+
+_INTERPRET_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+
+
+def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+# Hopper: BLOCK_K counts codes (a packed operand moves BLOCK_K // 2 bytes a step). Compiled for
+# sm_90a (python -m stq_compiler.codegen.hopper_codegen): all software-pipelined, BLOCK_M >= 64 on
+# wgmma (IGMMA in SASS), narrower row tiles on mma.sync (IMMA); no register spills but ~50 bytes
+# in the epilogue of the 128 x 256 tiles.
+_GPU_GEMM_CONFIGS = [
+    _gemm_config(128, 256, 128, 8, 3),
+    _gemm_config(128, 256, 64, 8, 4),
+    _gemm_config(128, 128, 128, 8, 4),
+    _gemm_config(128, 128, 64, 8, 4),
+    _gemm_config(64, 256, 128, 8, 3),
+    _gemm_config(64, 128, 128, 4, 4),
+    # for SwiGLU (two accumulators, see swiglu_fits)
+    _gemm_config(128, 64, 128, 8, 4),
+    _gemm_config(64, 128, 128, 8, 4),
+    _gemm_config(64, 64, 128, 4, 4),
+    # a few tokens (M = 1 .. 64): narrow row tiles
+    _gemm_config(16, 64, 128, 4, 4),
+    _gemm_config(16, 128, 128, 4, 4),
+    _gemm_config(32, 128, 128, 4, 4),
+    _gemm_config(32, 64, 128, 4, 4),
+]
+
+
+def swiglu_fits(config) -> bool:
+    """SwiGLU keeps two int32 accumulators: at most 32 outputs a thread each (more spills)."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 32 * 32 * config.num_warps
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Row tiles that fit M; with SwiGLU, tiles small enough for two accumulators."""
+    m = named_args["M"]
+    swiglu = kwargs.get("SWIGLU", named_args.get("SWIGLU", False))
+    if m > 64:
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    else:
+        cap = max(16, triton.next_power_of_2(m))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    if swiglu:
+        kept = [c for c in kept if swiglu_fits(c)]
+    return kept
+
+
+# One configuration, chosen by the caller (the interpreter, tests that try every configuration).
+_fused_linear_kernel_fixed = _EVEN_K(_fused_linear_kernel_body)
+if INTERPRET:
+    _fused_linear_kernel = _fused_linear_kernel_fixed
+else:
+    _fused_linear_kernel = triton.autotune(
+        configs=_GPU_GEMM_CONFIGS,
+        key=["M", "N", "K", "A_PACKED", "B_PACKED", "SWIGLU"],
+        prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    )(_fused_linear_kernel_fixed)
+
+
+def gemm_configs() -> list[triton.Config]:
+    """The autotuned configurations on the GPU (for tests and benchmarks)."""
+    return list(_GPU_GEMM_CONFIGS)
+
+
+def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype, config=None):
+    """``stq::fused_linear`` in Triton (see the module docstring). ``config``: a ``triton.Config``
+    to run instead of autotuning (GPU only)."""
+    ops = _ops()
+    ops._check_fused_linear_args(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu)
+    k = ops.linear_in_features(xq, wq)
+    lead, width = xq.shape[:-1], xq.shape[-1]
+    a = xq.reshape(-1, width)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    if wq.stride(-1) != 1:
+        wq = wq.contiguous()
+    m = a.shape[0]
+    n = wq.shape[0] // 2 if swiglu else wq.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    bf16_bits = INTERPRET and out_dtype == torch.bfloat16
+    if m > 0 and n > 0:
+        x_scale, x_zero = x_scale.reshape(-1).contiguous(), x_zero.reshape(-1).contiguous()
+        w_scale, w_sum = w_scale.contiguous(), w_sum.contiguous()
+        bias_arg = bias.contiguous() if bias is not None else w_scale
+        res = residual.reshape(m, n) if residual is not None else None
+        if res is not None and res.stride(-1) != 1:
+            res = res.contiguous()
+        res_arg = res if res is not None else w_scale
+        y_arg = y.view(torch.int16) if bf16_bits else y
+        a_packed, b_packed = a.dtype == torch.uint8, wq.dtype == torch.uint8
+        args = (
+            a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg,
+            m, n, k, (k + 1) // 2,
+            a.stride(0), a.stride(1), wq.stride(0), wq.stride(1),
+            res.stride(0) if res is not None else 0, y.stride(0),
+        )
+        flags = {"A_PACKED": a_packed, "B_PACKED": b_packed, "HAS_BIAS": bias is not None,
+                 "SWIGLU": swiglu, "HAS_RESIDUAL": residual is not None, "BF16_BITS": bf16_bits}
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        with _device_of(a):
+            if INTERPRET:
+                _fused_linear_kernel[grid](*args, **flags, **_INTERPRET_GEMM_CONFIG)
+            elif config is not None:
+                _fused_linear_kernel_fixed[grid](
+                    *args, **flags, **config.kwargs, num_warps=config.num_warps,
+                    num_stages=config.num_stages, enable_fp_fusion=False,
+                )
+            else:
+                _fused_linear_kernel[grid](*args, **flags, enable_fp_fusion=False)
+    return y.view(*lead, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration and inspection
+
+_registered = False
+
+
+def register_cuda_kernels() -> None:
+    """Make ``stq::fused_quantize`` and ``stq::fused_linear`` run these kernels on CUDA."""
+    global _registered
+    if _registered:
+        return
+    ops = _ops()
+    ops.fused_quantize.register_kernel("cuda")(_fused_quantize_cuda)
+    ops.fused_linear.register_kernel("cuda")(_fused_linear_cuda)
+    _registered = True
+
+
+def _fused_quantize_cuda(x, bits, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
+                         p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None):
+    return fused_quantize_triton(x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2,
+                                 is_masked, gate_masked, gate_unmasked)
+
+
+def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype):
+    return fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype)
+
+
+def kernel_sources() -> dict[str, str]:
+    """The Triton source of each kernel, by name (for inspection and dumps)."""
+    kernels = (_normalised, _fused_quantize_kernel, _a_planes, _k_planes, _epilogue_tile,
+               _bfloat16_bits_rne, _fused_linear_kernel_body)
+    sources = {}
+    for kernel in kernels:
+        fn = kernel
+        while hasattr(fn, "fn"):
+            fn = fn.fn
+        sources[fn.__name__] = textwrap.dedent(inspect.getsource(fn))
+    return sources

@@ -1,0 +1,422 @@
+"""The fused Triton kernels (``stq_compiler.codegen.triton_fused``) against the reference ops of
+``stq_compiler.fused_ops``, on CPU under the Triton interpreter, at tiny shapes.
+
+Like ``test_triton_rtn.py``, this file re-runs itself in a subprocess with ``TRITON_INTERPRET=1``
+(the variable is read when kernels are defined, process-wide).
+
+Agreement criteria (fresh random inputs each case, seeded by the case):
+
+* integer GEMM: exact (unit scales, float32 output holds the int32 accumulator exactly);
+* GEMM epilogue: within 1e-6 of the terms' magnitude plus one output ulp (FMA contraction is
+  off, so in practice bit-exact), 1e-5 with SwiGLU (``exp`` and the division may differ by an ulp);
+* activation kernel with float stages (norm, TAC, Kronecker): the kernel sums in another order
+  than PyTorch, so its float32 values differ by ~1e-7 relative; codes can then differ by one
+  where a value sits that close to a rounding tie. Required: scales within 1e-5 relative, zero
+  points within one, ≥ 99.9 % of codes identical and none off by more than one. Without float
+  stages (gate and quantize only) or with exact transforms (signed permutations) the kernel
+  must be bit-exact.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+if not INTERPRETING:
+
+    def test_module_imports_and_registers_without_interpreter():
+        from stq_compiler.codegen import triton_fused
+
+        assert not triton_fused.INTERPRET
+        triton_fused.register_cuda_kernels()
+        triton_fused.register_cuda_kernels()  # idempotent
+        sources = triton_fused.kernel_sources()
+        assert "input_precision=KRON_PRECISION" in sources["_fused_quantize_kernel"]
+        assert triton_fused.KRON_PRECISION in ("tf32x3", "ieee")  # never plain TF32
+        assert "tl.dot" in sources["_fused_linear_kernel_body"]
+
+    def test_kernels_match_reference_in_triton_interpreter():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-rs", "-p", "no:cacheprovider"],
+            check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )
+        summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+        if proc.returncode == 5 or (proc.returncode == 0 and "passed" not in summary):
+            pytest.skip(f"interpreter tests skipped themselves: {proc.stdout.strip()[-400:]}")
+        assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
+        print(summary)
+
+else:
+    import triton
+    import triton.language as tl
+
+    from stq_compiler import fused_ops, ops
+    from stq_compiler.codegen import triton_fused
+    from stq_compiler.codegen.triton_fused import (
+        fused_linear_triton,
+        fused_quantize_triton,
+    )
+
+    @triton.jit
+    def _count_to(out_ptr, n):
+        total = 0
+        for _ in range(0, n, 1):
+            total += 1
+        tl.store(out_ptr, total)
+
+    def _interpreter_loops_to_runtime_bounds() -> bool:
+        # Triton 3.6's interpreter cannot loop to a runtime bound with NumPy >= 2.5 (see test_triton_rtn).
+        out = torch.zeros(1, dtype=torch.int32)
+        try:
+            _count_to[(1,)](out, 3)
+        except Exception:  # noqa: BLE001 (any failure means: cannot)
+            return False
+        return int(out) == 3
+
+    if not _interpreter_loops_to_runtime_bounds():
+        pytest.skip(
+            f"Triton {triton.__version__}'s interpreter cannot loop to a runtime bound with this NumPy",
+            allow_module_level=True,
+        )
+
+    def _gen(*case):
+        return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+    def test_kernels_are_interpreted():
+        assert triton_fused.INTERPRET
+
+    # ------------------------------------------------------------------------------------------
+    # fused_quantize
+
+    def _orthogonal(n, gen):
+        return torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0].float()
+
+    def _signed_permutation(n, gen):
+        perm = torch.randperm(n, generator=gen)
+        signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+        return torch.eye(n)[perm] * signs[:, None]
+
+    def _activation(m, k, dtype, gen):
+        x = torch.randn(m, k, generator=gen)
+        x[:, torch.randint(0, k, (2,), generator=gen)] *= 30.0  # outlier channels
+        if m >= 3:
+            x[1] = x[1].abs()  # a one-signed token
+        return x.to(dtype)
+
+    def _stage_args(stages, m, k, kron, gen, dtype):
+        """Keyword arguments of stq::fused_quantize for the named stages."""
+        kw = {}
+        if "norm" in stages or "norm_w" in stages:
+            kw["rms_eps"] = 1e-5
+        if "norm_w" in stages:
+            kw["norm_weight"] = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+        if "tac" in stages:
+            g = 8 if k % 8 == 0 else 1
+            eye = torch.eye(g).expand(k // g, g, g)
+            kw["tac_m"] = 0.55 * eye + 0.45 * torch.randn(k // g, g, g, generator=gen) / g**0.5
+            kw["tac_d"] = torch.randn(k, generator=gen) * 0.1
+        if "smooth" in stages:
+            kw["inv_smooth"] = torch.rand(k, generator=gen) + 0.25
+        if "kron" in stages:
+            kw["p1"], kw["p2"] = _orthogonal(kron[0], gen), _orthogonal(kron[1], gen)
+        if "gate" in stages:
+            kw["is_masked"] = torch.rand(m, generator=gen) < 0.5
+            kw["gate_masked"] = (torch.rand(k, generator=gen) < 0.9).float()
+            kw["gate_unmasked"] = (torch.rand(k, generator=gen) < 0.9).float()
+        return kw
+
+    def assert_codes_agree(got, want, k, exact=False):
+        """See the module docstring; returns the fraction of identical codes."""
+        (q, scale, zero), (q_ref, scale_ref, zero_ref) = got, want
+        assert q.dtype == q_ref.dtype and q.shape == q_ref.shape
+        assert scale.shape == scale_ref.shape and zero.shape == zero_ref.shape
+        assert scale.dtype == torch.float32 and zero.dtype == torch.int32
+        codes = fused_ops.codes_of(q, k).int()
+        codes_ref = fused_ops.codes_of(q_ref, k).int()
+        if exact:
+            assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref) and torch.equal(zero, zero_ref)
+            return 1.0
+        rel = ((scale.double() - scale_ref.double()).abs() / scale_ref.double()).max().item()
+        assert rel <= 1e-5, f"scale relative error {rel:.2e}"
+        assert (zero - zero_ref).abs().max().item() <= 1
+        diff = (codes - codes_ref).abs()
+        same = (diff == 0).double().mean().item()
+        assert diff.max().item() <= 1 and same >= 0.999, f"{same:.5f} of codes identical, max diff {diff.max().item()}"
+        return same
+
+    STAGE_SETS = [
+        (),
+        ("gate",),
+        ("norm",),
+        ("norm_w",),
+        ("tac",),
+        ("smooth",),
+        ("kron",),
+        ("norm", "kron", "gate"),  # q/k/v and gate/up sites (norm weight folded into W)
+        ("tac", "kron", "gate"),  # o_proj site
+        ("norm_w", "tac", "smooth", "kron", "gate"),  # everything
+    ]
+
+    @pytest.mark.parametrize("bits", [4, 8])
+    @pytest.mark.parametrize("stages", STAGE_SETS, ids=lambda s: "+".join(s) or "quantize")
+    def test_fused_quantize_stages(stages, bits):
+        # K = 48 = 6 x 8 (d1 padded to 16 in the kernel), 13 tokens: several per program, partial block
+        m, k, kron = 13, 48, (6, 8)
+        gen = _gen("stages", stages, bits)
+        x = _activation(m, k, torch.bfloat16, gen)
+        kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
+        got = fused_quantize_triton(x, bits, **kw)
+        want = fused_ops.fused_quantize_reference(x, bits, **kw)
+        float_stages = {"norm", "norm_w", "tac", "kron"} & set(stages)
+        assert_codes_agree(got, want, k, exact=not float_stages)
+
+    @pytest.mark.parametrize("bits", [4, 8])
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+    @pytest.mark.parametrize(
+        "m,k,kron",
+        [(1, 64, (8, 8)), (7, 45, None), (5, 1, None), (9, 30, (5, 6)), (3, 40, (2, 20)), (17, 256, (16, 16))],
+        ids=lambda v: str(v),
+    )
+    def test_fused_quantize_shapes(m, k, kron, dtype, bits):
+        # M = 1, odd M, odd K (a padded nibble), K = 1, padded factors, several tokens a program.
+        gen = _gen("shapes", m, k, kron, dtype, bits)
+        stages = ("norm_w", "gate") + (("kron",) if kron else ())
+        x = _activation(m, k, dtype, gen)
+        kw = _stage_args(stages, m, k, kron, gen, dtype)
+        got = fused_quantize_triton(x, bits, **kw)
+        assert got[0].shape == ((m, (k + 1) // 2) if bits == 4 else (m, k))
+        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, bits, **kw), k)
+
+    @pytest.mark.parametrize("bits", [4, 8])
+    def test_fused_quantize_exact_with_exact_transforms(bits):
+        # Signed permutations for P1, P2 and a permutation-like TAC: every float product is by ±1
+        # or 0 and every sum has one nonzero term, so the kernel must equal the reference bit for bit.
+        m, k = 11, 48
+        gen = _gen("exact", bits)
+        x = _activation(m, k, torch.float32, gen)
+        kw = _stage_args(("gate",), m, k, None, gen, torch.float32)
+        kw["p1"], kw["p2"] = _signed_permutation(6, gen), _signed_permutation(8, gen)
+        kw["tac_m"] = torch.stack([_signed_permutation(8, gen) for _ in range(k // 8)])
+        kw["tac_d"] = torch.zeros(k)
+        got = fused_quantize_triton(x, bits, **kw)
+        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, bits, **kw), k, exact=True)
+
+    def test_fused_quantize_matches_unfused_ops_without_float_stages():
+        # gate + quantize only: the same codes as stq::quantize_per_token, packed.
+        gen = _gen("unfused")
+        x = _activation(6, 33, torch.float16, gen)
+        kw = _stage_args(("gate",), 6, 33, None, gen, torch.float16)
+        q, scale, zero = fused_quantize_triton(x, 4, **kw)
+        q_ref, scale_ref, zero_ref = ops.quantize_per_token_reference(x, 4, kw["is_masked"], kw["gate_masked"], kw["gate_unmasked"])
+        assert torch.equal(fused_ops.unpack_int4(q, 33), q_ref)
+        assert torch.equal(scale, scale_ref) and torch.equal(zero, zero_ref)
+
+    def test_fused_quantize_large_kron_falls_back(monkeypatch):
+        # Factors above MAX_FUSED_KRON_TILE: float stages in PyTorch, then the kernel.
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        m, k, kron = 5, 48, (6, 8)
+        gen = _gen("fallback")
+        x = _activation(m, k, torch.bfloat16, gen)
+        kw = _stage_args(("norm", "kron", "gate"), m, k, kron, gen, torch.bfloat16)
+        got = fused_quantize_triton(x, 4, **kw)
+        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, 4, **kw), k)
+
+    def test_fused_quantize_leading_dims_and_noncontiguous():
+        gen = _gen("lead")
+        x = _activation(2 * 5, 32, torch.float32, gen).reshape(2, 5, 32).transpose(0, 1)  # [5, 2, 32]
+        kw = _stage_args(("norm", "kron", "gate"), 10, 32, (4, 8), gen, torch.float32)
+        kw["is_masked"] = kw["is_masked"].reshape(5, 2)
+        q, scale, zero = fused_quantize_triton(x, 4, **kw)
+        assert q.shape == (5, 2, 16) and scale.shape == (5, 2, 1) == zero.shape
+        want = fused_ops.fused_quantize_reference(x, 4, **kw)
+        assert_codes_agree((q.reshape(10, 16), scale.reshape(10, 1), zero.reshape(10, 1)),
+                           tuple(t.reshape(10, -1) for t in want), 32)
+
+    # ------------------------------------------------------------------------------------------
+    # fused_linear
+
+    # (M, N, K) under the interpreter's BLOCK_M=32, BLOCK_N=64, BLOCK_K=64 (32 bytes packed):
+    # M = 1, odd M over two row tiles, K not a multiple of BLOCK_K, odd K, an even K, N = 1.
+    GEMM_SHAPES = [(1, 45, 70), (37, 100, 150), (5, 64, 128), (13, 130, 63), (3, 1, 200)]
+    # activation bits, weight bits: both packed, both int8, 8-bit activations on packed 4-bit weights
+    OPERANDS = [(4, 4), (8, 8), (8, 4)]
+
+    def _operands(m, n, k, a_bits, w_bits, gen):
+        """Random codes, their storage (packed for 4 bits), zero points and weight sums."""
+        a_lo, a_hi = -(1 << (a_bits - 1)), 1 << (a_bits - 1)
+        w_max = (1 << (w_bits - 1)) - 1
+        xq = torch.randint(a_lo, a_hi, (m, k), dtype=torch.int8, generator=gen)
+        wq = torch.randint(-w_max, w_max + 1, (n, k), dtype=torch.int8, generator=gen)
+        x_zero = torch.randint(a_lo, a_hi, (m, 1), dtype=torch.int32, generator=gen)
+        w_sum = wq.sum(dim=1, dtype=torch.int32)
+        x_store = fused_ops.pack_int4(xq) if a_bits == 4 else xq
+        w_store = fused_ops.pack_int4(wq) if w_bits == 4 else wq
+        return xq, wq, x_store, w_store, x_zero, w_sum
+
+    def _integer_reference(xq, x_zero, wq, w_sum):
+        return xq.long() @ wq.long().t() - x_zero.long() * w_sum.long()
+
+    @pytest.mark.parametrize("bits", OPERANDS, ids=lambda b: f"a{b[0]}w{b[1]}")
+    @pytest.mark.parametrize("mnk", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+    def test_fused_linear_integer_part_is_exact(mnk, bits):
+        m, n, k = mnk
+        gen = _gen("int", mnk, bits)
+        xq, wq, x_store, w_store, x_zero, w_sum = _operands(m, n, k, *bits, gen)
+        ones_m, ones_n = torch.ones(m, 1), torch.ones(n)
+        y = fused_linear_triton(x_store, ones_m, x_zero, w_store, ones_n, w_sum, None, None, False, torch.float32)
+        exact = _integer_reference(xq, x_zero, wq, w_sum)
+        assert exact.abs().max() < 2**24
+        assert torch.equal(y, exact.float())
+
+    def assert_epilogue_close(y, y_ref, magnitude, out_dtype, rel=1e-6):
+        """|y - y_ref| <= rel·magnitude + one output ulp of the magnitude (+ tiny)."""
+        rel = rel if out_dtype == torch.float32 else rel + torch.finfo(out_dtype).eps
+        tol = rel * magnitude + torch.finfo(out_dtype).tiny
+        diff = (y.double() - y_ref.double()).abs()
+        assert y.dtype == y_ref.dtype == out_dtype and y.shape == y_ref.shape
+        assert bool((diff <= tol).all()), f"max abs diff {diff.max().item():.3e}"
+
+    def _epilogue_case(m, n, k, bits, out_dtype, with_bias, epilogue, gen):
+        xq, wq, x_store, w_store, x_zero, w_sum = _operands(m, n, k, *bits, gen)
+        x_scale = torch.rand(m, 1, generator=gen) * 0.05 + 1e-3
+        w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+        bias = (torch.randn(n, generator=gen) * 0.5).to(out_dtype) if with_bias else None
+        out_n = n // 2 if epilogue == "swiglu" else n
+        residual = torch.randn(m, out_n, generator=gen).to(out_dtype) if epilogue == "residual" else None
+        args = (x_store, x_scale, x_zero, w_store, w_scale, w_sum, bias, residual, epilogue == "swiglu", out_dtype)
+        y = fused_linear_triton(*args)
+        y_ref = fused_ops.fused_linear_reference(*args)
+        # magnitude of the float terms, in float64
+        lin = (_integer_reference(xq, x_zero, wq, w_sum).double() * x_scale.double() * w_scale.double()).abs()
+        if bias is not None:
+            lin = lin + bias.double().abs()
+        if epilogue == "swiglu":
+            magnitude = lin[:, :out_n] * lin[:, out_n:] + lin[:, out_n:]
+        elif epilogue == "residual":
+            magnitude = lin + residual.double().abs()
+        else:
+            magnitude = lin
+        assert_epilogue_close(y, y_ref, magnitude, out_dtype, rel=1e-5 if epilogue == "swiglu" else 1e-6)
+
+    @pytest.mark.parametrize("epilogue", ["plain", "swiglu", "residual"])
+    @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("bits", OPERANDS, ids=lambda b: f"a{b[0]}w{b[1]}")
+    def test_fused_linear_epilogues(bits, out_dtype, epilogue):
+        gen = _gen("epilogue", bits, out_dtype, epilogue)
+        _epilogue_case(37, 140, 75, bits, out_dtype, True, epilogue, gen)
+
+    @pytest.mark.parametrize("epilogue", ["swiglu", "residual"])
+    @pytest.mark.parametrize("mnk", [(1, 64, 64), (7, 34, 33)], ids=lambda s: "x".join(map(str, s)))
+    def test_fused_linear_epilogues_small_shapes_no_bias(mnk, epilogue):
+        gen = _gen("small", mnk, epilogue)
+        _epilogue_case(*mnk, (4, 4), torch.bfloat16, False, epilogue, gen)
+
+    def test_fused_linear_rejects_bad_arguments():
+        gen = _gen("reject")
+        _, _, x_store, w_store, x_zero, w_sum = _operands(3, 8, 10, 4, 4, gen)
+        ones = torch.ones(3, 1), torch.ones(8)
+        with pytest.raises(ValueError):  # 5 bytes of activation, a weight of 4 bytes
+            fused_linear_triton(x_store, ones[0], x_zero, w_store[:, :4], ones[1], w_sum, None, None, False, torch.float32)
+        with pytest.raises(ValueError):
+            fused_linear_triton(x_store, ones[0], x_zero, w_store, ones[1], w_sum, None, torch.ones(3, 4), True, torch.float32)
+
+    # ------------------------------------------------------------------------------------------
+    # The two ops chained, through torch.ops (the kernels run on CPU under the interpreter)
+
+    # Inductor once (a cold CPU compile costs seconds), AOT-eager for the rest.
+    COMPILE_BACKEND = {"plain": "inductor", "swiglu": "aot_eager", "residual": "aot_eager"}
+
+    @pytest.mark.parametrize("epilogue", ["plain", "swiglu", "residual"])
+    def test_site_chain_through_custom_ops_eager_and_compiled(epilogue):
+        gen = _gen("chain", epilogue)
+        m, k, n = 9, 64, 96
+        x = _activation(m, k, torch.bfloat16, gen).reshape(3, 3, k)
+        kw = _stage_args(("norm", "kron", "gate"), m, k, (8, 8), gen, torch.bfloat16)
+        kw["is_masked"] = kw["is_masked"].reshape(3, 3)
+        w = fused_ops.pack_weight(ops.quantize_weight(torch.randn(n, k, generator=gen), bits=4))
+        out_n = n // 2 if epilogue == "swiglu" else n
+        residual = torch.randn(3, 3, out_n, generator=gen).bfloat16() if epilogue == "residual" else None
+
+        def site(x, residual):
+            q, s, z = torch.ops.stq.fused_quantize(x, 4, **kw)
+            return torch.ops.stq.fused_linear(q, s, z, w.q, w.scale, w.w_sum, None, residual, epilogue == "swiglu", torch.bfloat16)
+
+        calls = {"quantize": 0, "linear": 0}
+        launch_q, launch_l = triton_fused.fused_quantize_triton, triton_fused.fused_linear_triton
+
+        def counting_quantize(*a, **k_):
+            calls["quantize"] += 1
+            return launch_q(*a, **k_)
+
+        def counting_linear(*a, **k_):
+            calls["linear"] += 1
+            return launch_l(*a, **k_)
+
+        mp = pytest.MonkeyPatch()
+        mp.setattr(triton_fused, "fused_quantize_triton", counting_quantize)
+        mp.setattr(triton_fused, "fused_linear_triton", counting_linear)
+        try:
+            y = site(x, residual)
+            assert calls == {"quantize": 1, "linear": 1}
+            torch._dynamo.reset()
+            y_compiled = torch.compile(site, fullgraph=True, backend=COMPILE_BACKEND[epilogue])(x, residual)
+            assert calls["quantize"] >= 2 and calls["linear"] >= 2
+        finally:
+            mp.undo()
+        assert y.shape == (3, 3, out_n) and torch.equal(y, y_compiled)
+
+        q_ref = fused_ops.fused_quantize_reference(x, 4, **kw)
+        y_ref = fused_ops.fused_linear_reference(*q_ref, w.q, w.scale, w.w_sum, None, residual, epilogue == "swiglu", torch.bfloat16)
+        # codes may differ at a rounding tie (see assert_codes_agree); compare loosely
+        err = (y.float() - y_ref.float()).norm() / y_ref.float().norm()
+        assert err < 1e-2, err
+
+    # ------------------------------------------------------------------------------------------
+    # A whole fused model graph through the kernels
+
+    @pytest.mark.parametrize("arch", ["llada", "dream"])
+    def test_fused_model_graph_runs_on_the_kernels(arch):
+        from stq_compiler.analysis import analyze
+        from stq_compiler.passes.fuse import fuse_quantized_sites
+        from stq_compiler.passes.quantize_linears import quantize_linears
+        from stq_compiler.passes.token_state import insert_token_state
+        from tests.conftest import capture_graphs, logits_of, sqnr_db, tiny_model
+
+        model = tiny_model(arch, **({"n_layers": 1} if arch == "llada" else {"num_hidden_layers": 1}))
+        mask_id = model.config.mask_token_id
+        ids = torch.randint(0, mask_id, (2, 9), generator=_gen("model", arch))
+        ids[0, 4:] = mask_id
+        (gm, inputs), = capture_graphs(model, ids)
+        analysis = analyze(gm, inputs)
+        gm, _ = insert_token_state(gm, analysis.state_source, mask_id)
+        gm, _ = quantize_linears(gm, analysis, 4, 4, gm.meta["stq_token_state"])
+        with torch.no_grad():
+            reference = logits_of(model(ids))
+            unfused = next(o for o in gm(*inputs) if isinstance(o, torch.Tensor) and o.shape == reference.shape)
+            gm, _ = fuse_quantized_sites(gm)
+            calls = {"n": 0}
+            launch = triton_fused.fused_linear_triton
+
+            def counting(*a, **k):
+                calls["n"] += 1
+                return launch(*a, **k)
+
+            mp = pytest.MonkeyPatch()
+            mp.setattr(triton_fused, "fused_linear_triton", counting)
+            try:
+                fused = next(o for o in gm(*inputs) if isinstance(o, torch.Tensor) and o.shape == reference.shape)
+            finally:
+                mp.undo()
+        assert calls["n"] == 4  # q/k/v stacked; o + residual; gate/up + SwiGLU; down + residual
+        assert abs(sqnr_db(reference, fused) - sqnr_db(reference, unfused)) < 1.5

@@ -1,0 +1,174 @@
+"""fuse_quantized_sites: one fused quantizer per site (norm, TAC, smoothing and Kronecker absorbed),
+one fused GEMM per q/k/v group, SwiGLU pair or linear (residual adds absorbed), packed 4-bit weights; on a
+float32 model the fused graph computes exactly what the unfused one did."""
+
+import operator
+
+import pytest
+import torch
+
+from stq_compiler.analysis import analyze
+from stq_compiler.fused_ops import unpack_int4
+from stq_compiler.passes.fuse import (
+    FUSED_LINEAR,
+    FUSED_QUANTIZE,
+    LINEAR,
+    QUANTIZE,
+    fuse_quantized_sites,
+)
+from stq_compiler.passes.quantize_linears import quantize_linears
+from stq_compiler.passes.tac import insert_tac
+from stq_compiler.passes.token_state import insert_token_state
+from tests.conftest import capture_graphs, logits_of, sqnr_db, tiny_model
+from tests.passes.test_site_transforms import random_transforms
+from tests.passes.test_tac import random_params
+
+LAYERS = 2
+
+
+def quantized_graph(arch, w_bits, a_bits, transformed, dtype=torch.float32):
+    overrides = {"n_layers": LAYERS} if arch == "llada" else {"num_hidden_layers": LAYERS}
+    model = tiny_model(arch, **overrides).to(dtype)
+    mask_id = model.config.mask_token_id
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, mask_id, (2, 9), generator=gen)
+    ids[0, 4:] = mask_id
+    (gm, inputs), = capture_graphs(model, ids)
+    analysis = analyze(gm, inputs)
+    gm, _ = insert_token_state(gm, analysis.state_source, mask_id)
+    transforms = None
+    if transformed:
+        params = {c.output_projection.fqn: random_params(c.output_projection.in_features, i) for i, c in enumerate(analysis.attention)}
+        gm, _ = insert_tac(gm, analysis, params)
+        transforms = random_transforms(analysis, gen, gates=True)
+    gm, _ = quantize_linears(gm, analysis, w_bits, a_bits, gm.meta["stq_token_state"], transforms=transforms)
+    return gm, inputs, analysis
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def run(gm, inputs):
+    with torch.no_grad():
+        return [o for o in gm(*inputs) if isinstance(o, torch.Tensor)]
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (8, 8), (4, 8)], ids=["w4a4", "w8a8", "w4a8"])
+@pytest.mark.parametrize("transformed", [True, False], ids=["starquant", "rtn"])
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_fused_graph_is_exact_on_float32_models(arch, transformed, w_bits, a_bits):
+    gm, inputs, _ = quantized_graph(arch, w_bits, a_bits, transformed)
+    before = run(gm, inputs)
+    sites, linears = targets(gm).count(QUANTIZE), targets(gm).count(LINEAR)
+    gm, report = fuse_quantized_sites(gm)
+    after = run(gm, inputs)
+    assert len(before) == len(after) and all(torch.equal(b, a) for b, a in zip(before, after))
+
+    d = report.details
+    found = targets(gm)
+    assert QUANTIZE not in found and LINEAR not in found
+    assert found.count(FUSED_QUANTIZE) == sites == d["sites_fused"] == 4 * LAYERS
+    assert d["swiglu"] == LAYERS and d["residual"] == 2 * LAYERS  # gate/up; o and down
+    assert d["concatenated"] == LAYERS  # q/k/v: one GEMM over the stacked weights, split after
+    assert found.count(FUSED_LINEAR) == linears - d["swiglu"] - 2 * d["concatenated"] and d["linears_fused"] == linears
+    assert d["rms_norm"] == 2 * LAYERS  # the q/k/v and gate/up inputs
+    if transformed:  # norm weights folded into W; every site rotated and smoothed, TAC in front of o
+        assert (d["kron"], d["smooth"], d["tac"], d["norm_weight"]) == (sites, sites, LAYERS, 0)
+    else:
+        assert (d["kron"], d["smooth"], d["tac"], d["norm_weight"]) == (0, 0, 0, 2 * LAYERS)
+    # nothing left between a site's input and its fused quantizer: the norm's ops are gone
+    assert not any(n.op == "call_function" and n.target is torch.rsqrt and any(u.target is FUSED_QUANTIZE for u in n.users)
+                   for n in gm.graph.nodes)
+    assert all(not (n.op == "call_function" and n.target is operator.add and any(a.target is FUSED_LINEAR for a in n.all_input_nodes if a.op == "call_function"))
+               for n in gm.graph.nodes)
+
+
+def test_weights_are_packed_and_int8_codes_dropped():
+    gm, _, _ = quantized_graph("llada", 4, 4, transformed=False)
+    int8_bytes = sum(b.numel() for name, b in gm.named_buffers() if b.dtype == torch.int8)
+    old = {name: b.clone() for name, b in gm.named_buffers() if b.dtype == torch.int8}
+    gm, report = fuse_quantized_sites(gm)
+    assert not any(b.dtype == torch.int8 for _, b in gm.named_buffers())
+    packed = {name: b for name, b in gm.named_buffers() if b.dtype == torch.uint8}
+    assert sum(b.numel() for b in packed.values()) == int8_bytes // 2
+    # the SwiGLU pairs' scales and sums were replaced by concatenated ones too
+    assert report.details["int8_weight_bytes_freed"] >= int8_bytes
+    for name, codes in old.items():
+        if name + "_packed" in packed:
+            assert torch.equal(unpack_int4(packed[name + "_packed"], codes.shape[1]), codes)
+    # SwiGLU pairs: one weight, gate rows then up rows
+    gate_up = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is FUSED_LINEAR and n.args[8]]
+    assert len(gate_up) == LAYERS
+    assert all(n.meta["stq_linear"]["epilogue"] == "swiglu" for n in gate_up)
+
+
+@pytest.mark.parametrize("bits", [(4, 4), (8, 8)], ids=["w4a4", "w8a8"])
+def test_fused_graph_as_accurate_on_bfloat16_models(bits):
+    # bfloat16: the fused ops skip the roundings between stages, so codes near a tie flip and the
+    # two graphs differ by about the quantization noise; but they are as close to the float model
+    gm, inputs, _ = quantized_graph("llada", *bits, transformed=False, dtype=torch.bfloat16)
+    model = tiny_model("llada", n_layers=LAYERS).to(torch.bfloat16)
+    ids = next(i for i in inputs if i.dtype == torch.long)
+    with torch.no_grad():
+        reference = logits_of(model(ids)).float()
+    unfused = next(o for o in run(gm, inputs) if o.shape == reference.shape).float()
+    gm, _ = fuse_quantized_sites(gm)
+    fused = next(o for o in run(gm, inputs) if o.shape == reference.shape).float()
+    assert abs(sqnr_db(reference, fused) - sqnr_db(reference, unfused)) < 1.5
+
+
+def test_fused_graph_compiles():
+    gm, inputs, _ = quantized_graph("dream", 4, 4, transformed=True)
+    gm, _ = fuse_quantized_sites(gm)
+    expected = run(gm, inputs)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = [o for o in torch.compile(gm, backend="aot_eager", fullgraph=True)(*inputs) if isinstance(o, torch.Tensor)]
+    assert all(torch.equal(e, c) for e, c in zip(expected, compiled))
+
+
+def test_shared_norm_output_is_left_alone():
+    # a norm output read by something besides the site must stay; the fused op then reads it
+    gm, inputs, _ = quantized_graph("llada", 4, 4, transformed=False)
+    graph = gm.graph
+    quantizers = [n for n in graph.nodes if n.op == "call_function" and n.target is QUANTIZE]
+    site_input = quantizers[0].args[0]
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        extra = graph.call_function(torch.sum, (site_input,))
+    out.args = ((*out.args[0], extra),) if isinstance(out.args[0], tuple) else ([*out.args[0], extra],)
+    gm.recompile()
+    before = run(gm, inputs)
+    gm, report = fuse_quantized_sites(gm)
+    assert torch.equal(run(gm, inputs)[-1], before[-1])
+    assert report.details["rms_norm"] == 2 * LAYERS - 1 and report.details["norm_weight"] == 2 * LAYERS - 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_fused_graph_on_cuda_runs_the_kernels_as_accurately(arch):
+    # On CUDA both graphs run Triton kernels (the fused ones: tf32x3 Kronecker, packed GEMM), so
+    # they differ at rounding ties; against the float model they must be equally accurate.
+    overrides = {"n_layers": LAYERS} if arch == "llada" else {"num_hidden_layers": LAYERS}
+    model = tiny_model(arch, **overrides).cuda()
+    mask_id = model.config.mask_token_id
+    ids = torch.randint(0, mask_id, (2, 33), generator=torch.Generator().manual_seed(3)).cuda()
+    ids[0, 16:] = mask_id
+    (gm, inputs), = capture_graphs(model, ids)
+    analysis = analyze(gm, inputs)
+    gm, _ = insert_token_state(gm, analysis.state_source, mask_id)
+    gm, _ = quantize_linears(gm, analysis, 4, 4, gm.meta["stq_token_state"])
+    with torch.no_grad():
+        reference = logits_of(model(ids)).float()
+    unfused = next(o for o in run(gm, inputs) if o.shape == reference.shape).float()
+    gm, report = fuse_quantized_sites(gm)
+    fused = next(o for o in run(gm, inputs) if o.shape == reference.shape).float()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = next(o for o in torch.compile(gm)(*inputs) if isinstance(o, torch.Tensor) and o.shape == reference.shape).float()
+    s_unfused, s_fused, s_compiled = (sqnr_db(reference, y) for y in (unfused, fused, compiled))
+    print(f"[stq-cuda] fuse pass {arch} W4A4: SQNR vs float unfused {s_unfused:.2f} dB fused {s_fused:.2f} dB "
+          f"compiled {s_compiled:.2f} dB, {report.details}")
+    assert abs(s_fused - s_unfused) < 1.5 and abs(s_compiled - s_fused) < 0.5
