@@ -413,14 +413,8 @@ def _even_k(args) -> bool:
 
 _EVEN_K = triton.heuristics({"EVEN_K": _even_k})
 
-_INTERPRET_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
-
-
-def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-        num_warps=num_warps, num_stages=num_stages,
-    )
+# the same large-block interpreter configuration and config builder as the plain int8 GEMM
+from stq_compiler.codegen.triton_rtn import _INTERPRET_GEMM_CONFIG, _gemm_config  # noqa: E402
 
 
 # Hopper: BLOCK_K counts codes (a packed operand moves BLOCK_K // 2 bytes a step). Compiled for
