@@ -6,7 +6,7 @@ pass, the readable graph, its diff against the previous pass and graph exports (
 backend's ``debug_dir`` gets), the Triton kernel sources, and a per-site report.
 
 MODEL is a built-in tiny random model (``tiny-llada``, the default; ``tiny-dream``, ``tiny-llama``,
-``tiny-qwen2``), a checkpoint directory (``stq_compiler.models.load``), or ``module:function``
+``tiny-qwen2``), the bundled trained model (``stq-tiny-llada``), a checkpoint directory (``stq_compiler.models.load``), or ``module:function``
 naming a function that takes no arguments and returns the model.
 """
 
@@ -30,19 +30,19 @@ class ModelSpecError(ValueError):
 
 def resolve_model(spec: str, seed: int = 0) -> torch.nn.Module:
     """The model ``spec`` names, in eval mode (see the module docstring)."""
-    from stq_compiler.models import CheckpointError, build_tiny, load
+    from stq_compiler.models import CheckpointError, build_tiny, bundled_names, load
 
     if spec in TINY_MODELS:
         torch.manual_seed(seed)
         return build_tiny(TINY_MODELS[spec]).eval()
-    if Path(spec).is_dir():
+    if Path(spec).is_dir() or spec in bundled_names():
         try:
             return load(spec).eval()
         except CheckpointError as exc:
             raise ModelSpecError(f"model {spec!r}: {exc}") from exc
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        hint = ", ".join(TINY_MODELS)
+        hint = ", ".join([*TINY_MODELS, *bundled_names()])
         raise ModelSpecError(
             f"model {spec!r} is not a built-in model ({hint}), an existing checkpoint directory, "
             "or module:function"
@@ -102,7 +102,7 @@ def capture_graphs(model: torch.nn.Module, *args) -> list[tuple]:
 
 
 def _options(args, model) -> dict:
-    options = {"quantize_head": args.quantize_head, "token_state": args.token_state, "inductor": False}
+    options = {"quantize_head": args.quantize_head, "token_state": args.token_state, "inductor": False, "fuse": args.fuse}
     if args.recipe is not None:
         options["recipe"] = args.recipe
     mask = args.mask_token_id
@@ -173,12 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "print what each did; optionally write each pass's graph, diff and exports, the kernel sources, a site report.",
     )
     p.add_argument("model", nargs="?", default="tiny-llada",
-                   help=f"{', '.join(TINY_MODELS)} (default tiny-llada), a checkpoint directory, or module:function")
+                   help=f"{', '.join(TINY_MODELS)} (default tiny-llada), stq-tiny-llada, a checkpoint directory, or module:function")
     p.add_argument("--recipe", help="a calibrated recipe (.stq); its bits and mask id apply")
     p.add_argument("--w-bits", type=int, choices=(4, 8, 16), help="weight bits (default 4; 16 = not quantized)")
     p.add_argument("--a-bits", type=int, choices=(4, 8, 16), help="activation bits (default 4)")
     p.add_argument("--mask-token-id", type=int, help="the [MASK] id (default: the model config's)")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
+    p.add_argument("--fuse", action="store_true", help="also run the fusion pass (fused quantizers and GEMMs, packed weights)")
     p.add_argument("--token-state", choices=("auto", "required", "off"), default="auto")
     p.add_argument("--seq-len", type=_positive, default=16, help="example sequence length (default 16)")
     p.add_argument("--batch", type=_positive, default=1, help="example batch size (default 1)")

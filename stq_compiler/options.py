@@ -33,6 +33,10 @@ class BackendOptions:
     * ``quantize_head``: also quantize the LM head (off by default, as in the paper).
     * ``debug_dir``: write, per pass, the readable graph, a diff, graph exports and the pass table
       here (or set ``STQ_DEBUG_DIR``), as ``stq inspect --dump`` does.
+    * ``fuse``: replace each site's quantizer and its prologue (RMSNorm, TAC, smoothing, Kronecker)
+      with ``stq.fused_quantize`` and the linears with ``stq.fused_linear`` on packed weights (q/k/v
+      as one GEMM, gate/up as one SwiGLU GEMM, residual adds in the GEMM); ``passes/fuse.py``.
+      Off by default until the fused kernels are checked on the GPU.
     * ``inductor``: hand the rewritten graph to Inductor (default); ``False`` runs it as FX code.
     * ``inductor_config``: extra Inductor config patches.
     """
@@ -44,6 +48,7 @@ class BackendOptions:
     token_state: str = "auto"
     quantize_head: bool = False
     debug_dir: Optional[str] = None
+    fuse: bool = False
     inductor: bool = True
     inductor_config: dict = field(default_factory=dict)
 
@@ -115,6 +120,10 @@ class BackendOptions:
                 "starquant: token_state='required' needs the mask token id: pass options['mask_token_id'] "
                 "(LLaDA 126336, Dream 151666)"
             )
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"starquant: option fuse must be True or False, got {self.fuse!r}")
+        if self.fuse and not self.quantize:
+            raise ValueError("starquant: fuse=True fuses quantized linears; with w_bits=a_bits=16 there are none")
         if not isinstance(self.inductor_config, dict):
             raise ValueError("starquant: option inductor_config must be a dict of Inductor config patches")
 

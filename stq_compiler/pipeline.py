@@ -183,6 +183,10 @@ def run_passes(
         steps.run(
             quantize_linears, analysis, opts.w_bits, opts.a_bits, state, opts.quantize_head, plan.transforms, plan.weights
         )
+        if opts.fuse:
+            from stq_compiler.passes.fuse import fuse_quantized_sites
+
+            steps.run(fuse_quantized_sites)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("starquant: passes of this graph:\n%s", format_table([pass_row(r) for r in result.reports]))
     return result

@@ -166,7 +166,7 @@ def test_module_function_spec_and_a_graph_break_give_a_table_per_graph(tmp_path,
 @pytest.mark.parametrize(
     "spec,match",
     [
-        ("tiny-gpt2", "not a built-in model \\(tiny-llada, tiny-dream, tiny-llama, tiny-qwen2\\)"),
+        ("tiny-gpt2", "not a built-in model \\(tiny-llada, tiny-dream, tiny-llama, tiny-qwen2, stq-tiny-llada\\)"),
         ("no/such/dir", "an existing checkpoint directory, or module:function"),
         ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
         ("stq_compiler.models:no_such_builder", "has no attribute 'no_such_builder'"),
@@ -226,3 +226,13 @@ def test_writers_of_one_debug_dir_take_the_next_free_graph_index(tmp_path):
     assert names == ["graph_0", "graph_1", "graph_2"]
     assert ArtifactWriter(tmp_path, index=1).name == "graph_1"  # inspect: an explicit index replaces
     assert not ArtifactWriter(None).enabled
+
+
+def test_inspect_the_bundled_model_with_its_recipe_and_the_fusion_pass(capsys):
+    from stq_compiler.__main__ import main
+    from stq_compiler.models.bundled import recipe_path
+
+    assert main(["inspect", "stq-tiny-llada", "--recipe", str(recipe_path("stq-tiny-llada", "starquant-w4a4")), "--fuse"]) in (0, None)
+    table = capsys.readouterr().out
+    for name in ("insert_token_state", "insert_tac", "quantize_linears", "fuse_quantized_sites"):
+        assert name in table
