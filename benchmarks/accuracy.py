@@ -54,6 +54,7 @@ METHODS = {
     "starquant": ("starquant", {}),
     "starquant-no-tac": ("starquant", {"tac": False}),
     "starquant-no-sgat": ("starquant", {"sgat": False}),
+    "starquant+gptq": ("starquant", {"gptq": True}),  # beside quarot+gptq: the same weight rounding
 }
 SETTINGS = {"W4A4": (4, 4), "W4A8": (4, 8), "W8A8": (8, 8)}
 CORPORA = ("kjv", "wiki")
