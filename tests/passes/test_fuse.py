@@ -174,46 +174,48 @@ def test_fused_graph_on_cuda_runs_the_kernels_as_accurately(arch):
     assert abs(s_fused - s_unfused) < 1.5 and abs(s_compiled - s_fused) < 0.5
 
 
-def test_backend_fuse_option_on_the_bundled_model_and_recipe():
-    """options={"fuse": True}: the fused graph computes what the unfused one does (float32 model,
-    reference ops: exactly), with the shipped STaR-Quant W4A4 recipe (Kronecker P, gates, TAC)."""
-    from stq_compiler.backend import StarQuant
+@pytest.fixture(scope="module")
+def bundled_case():
+    """The bundled model (float32), its shipped STaR-Quant W4A4 recipe (Kronecker P, gates, TAC),
+    and ids half prompt, half masks."""
     from stq_compiler.models import DEFAULT_MODEL, load
     from stq_compiler.models.bundled import recipe_path
 
     model = load(DEFAULT_MODEL, dtype=torch.float32)
-    recipe = recipe_path(DEFAULT_MODEL, "starquant-w4a4")
     ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ids[:, 12:] = model.config.mask_token_id
+    return model, recipe_path(DEFAULT_MODEL, "starquant-w4a4"), ids
+
+
+def _compiled_logits(model, ids, **options):
+    from stq_compiler.backend import StarQuant
+
+    torch._dynamo.reset()
+    backend = StarQuant(**options)
+    with torch.no_grad():
+        return logits_of(torch.compile(model, backend=backend)(ids)), backend
+
+
+def test_backend_fuse_option_on_the_bundled_model_and_recipe(bundled_case):
+    """options={"fuse": True}: the fused graph computes what the unfused one does (float32 model,
+    reference ops: exactly)."""
+    model, recipe, ids = bundled_case
     outputs = {}
     for fuse in (False, True):
-        torch._dynamo.reset()
-        backend = StarQuant(recipe=recipe, fuse=fuse, inductor=False)
-        with torch.no_grad():
-            outputs[fuse] = logits_of(torch.compile(model, backend=backend)(ids))
+        outputs[fuse], backend = _compiled_logits(model, ids, recipe=recipe, fuse=fuse, inductor=False)
         ops = targets(backend.results[0].gm)
         assert (FUSED_LINEAR in ops) == fuse and (LINEAR in ops) != fuse
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
 
 
-def test_backend_fuse_option_under_inductor():
+def test_backend_fuse_option_under_inductor(bundled_case):
     """The fused graph through Inductor: the same model as the unfused one through Inductor, up to
     float32 summation order (measured 135 dB); 60 dB is far below that and far above what one
     flipped 4-bit code, let alone a different quantization, would leave (W4A4 noise is 10-20 dB)."""
-    from stq_compiler.backend import StarQuant
-    from stq_compiler.models import DEFAULT_MODEL, load
-    from stq_compiler.models.bundled import recipe_path
-
-    model = load(DEFAULT_MODEL, dtype=torch.float32)
-    recipe = recipe_path(DEFAULT_MODEL, "starquant-w4a4")
-    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    ids[:, 12:] = model.config.mask_token_id
-    outputs = {}
-    for fuse in (False, True):
-        torch._dynamo.reset()
-        with torch.no_grad():
-            outputs[fuse] = logits_of(torch.compile(model, backend=StarQuant(recipe=recipe, fuse=fuse))(ids))
-    assert sqnr_db(outputs[False], outputs[True]) > 60
+    model, recipe, ids = bundled_case
+    unfused, _ = _compiled_logits(model, ids, recipe=recipe, fuse=False)
+    fused, _ = _compiled_logits(model, ids, recipe=recipe, fuse=True)
+    assert sqnr_db(unfused, fused) > 60
 
 
 def test_fuse_option_is_validated():
