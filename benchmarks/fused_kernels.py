@@ -10,7 +10,9 @@ concatenated, down):
   ``int8``: ``torch._int_mm``; ``rtn-w8a8``: ``triton_rtn.quantized_linear_triton`` (int8 codes);
 * ``fused-w8a8`` / ``fused-w4a4`` / ``fused-w4a8``: ``stq::fused_linear`` (plain epilogue), and for
   gate/up ``+swiglu`` (output half as wide: the fp16 row then includes a separate SiLU·mul), for
-  o/down ``+residual``.
+  o/down ``+residual``. ``fused-w4a4`` holds the 4-bit activation codes one a byte, as the fusion
+  pass does (the transposed W4 kernel, like ``fused-w4a8``); ``fused-w4a4-packed`` packs them two
+  a byte (the kernel that unpacks both operands).
 
 Activation side, per site: ``stq::fused_quantize`` (norm + Kronecker + gate + 4-bit pack; TAC +
 Kronecker + gate) against the unfused chain it replaces (RMSNorm in torch, ``stq::kron_transform``,
@@ -77,7 +79,8 @@ def gemm_rows(m: int, name: str, k: int, n: int) -> list[dict]:
     add("fp8", lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
 
     xq8, xs8, xz8 = ops.quantize_per_token(x, 8)
-    xq4, xs4, xz4 = fused_ops.fused_quantize(x, 4)
+    xq4p, xs4p, xz4p = fused_ops.fused_quantize(x, 4)
+    xq4, xs4, xz4 = fused_ops.fused_quantize(x, 4, pack=False)
     xq8_store = xq8
     wq8 = ops.quantize_weight(w, 8)
     wq4 = fused_ops.pack_weight(ops.quantize_weight(w, 4))
@@ -89,6 +92,7 @@ def gemm_rows(m: int, name: str, k: int, n: int) -> list[dict]:
 
     add("fused-w8a8", fused(xq8_store, xs8, xz8, wq8))
     add("fused-w4a4", fused(xq4, xs4, xz4, wq4))
+    add("fused-w4a4-packed", fused(xq4p, xs4p, xz4p, wq4))
     add("fused-w4a8", fused(xq8_store, xs8, xz8, wq4))
     if name == "gate_up":
         add("fused-w4a4+swiglu", fused(xq4, xs4, xz4, wq4, swiglu=True))
@@ -126,18 +130,20 @@ def site_rows(m: int) -> list[dict]:
 
     cases = {
         "qkv/gate_up site": (
-            lambda: triton_fused.fused_quantize_triton(x, 4, rms_eps=1e-5, p1=p1, p2=p2, is_masked=is_masked, gate_masked=gm, gate_unmasked=gu),
+            lambda: triton_fused.fused_quantize_triton(x, 4, rms_eps=1e-5, p1=p1, p2=p2, is_masked=is_masked, gate_masked=gm, gate_unmasked=gu,
+                                                       pack=False),
             unfused_qkv,
         ),
         "o site": (
-            lambda: triton_fused.fused_quantize_triton(x, 4, tac_m=tac_m, tac_d=tac_d, p1=p1, p2=p2, is_masked=is_masked, gate_masked=gm, gate_unmasked=gu),
+            lambda: triton_fused.fused_quantize_triton(x, 4, tac_m=tac_m, tac_d=tac_d, p1=p1, p2=p2, is_masked=is_masked, gate_masked=gm,
+                                                       gate_unmasked=gu, pack=False),
             unfused_o,
         ),
     }
     for name, (fused, unfused) in cases.items():
         f_ms, u_ms = bench_ms(fused), bench_ms(unfused)
         rows.append({"m": m, "site": name, "k": k, "fused_us": f_ms * 1e3, "unfused_us": u_ms * 1e3,
-                     "fused_gbps": (m * k * 2 + m * k // 2) / f_ms / 1e6})
+                     "fused_gbps": (m * k * 2 + m * k) / f_ms / 1e6})
     return rows
 
 

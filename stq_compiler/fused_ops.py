@@ -9,7 +9,8 @@ needs, each optional, in this order:
 3. smoothing ``× inv_smooth`` (one value per feature), in float32;
 4. the Kronecker transform ``x (P1 ⊗ P2)`` (``stq::kron_transform``), in float32;
 5. the state gate and per-token asymmetric quantization (``stq::quantize_per_token``);
-6. for 4 bits, two codes packed per byte (below).
+6. for 4 bits, two codes packed per byte (below), unless ``pack=False``: then the 4-bit codes are
+   int8, one a byte, which is what the fast W4 GEMM reads (``codegen/triton_fused.py``).
 
 Everything is computed in float32 from x on: the unfused graph rounds the norm's and TAC's
 outputs to the model dtype (bfloat16), the fused op does not (a bfloat16 rounding would turn the
@@ -128,6 +129,7 @@ class FusedQuantizeSpec:
     smooth: bool = False
     kron: Optional[tuple[int, int]] = None  # (d1, d2)
     gate: bool = False
+    pack: bool = True  # 4-bit codes two a byte (False: one a byte, as int8)
 
     @property
     def stages(self) -> list[str]:
@@ -142,13 +144,17 @@ class FusedQuantizeSpec:
             names.append(f"kron({self.kron[0]}x{self.kron[1]})")
         if self.gate:
             names.append("gate")
-        names.append(f"quantize(a{self.bits})" + ("+pack" if self.bits == 4 else ""))
+        names.append(f"quantize(a{self.bits})" + ("+pack" if self.packed else ""))
         return names
+
+    @property
+    def packed(self) -> bool:
+        return self.bits == 4 and self.pack
 
 
 def fused_quantize_spec(
     x, bits, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
-    p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None,
+    p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None, pack=True,
 ) -> FusedQuantizeSpec:
     """The spec of a call (validating its arguments): what both the reference and the kernel run."""
     _check_bits(bits, (4, 8), "activation")
@@ -178,7 +184,7 @@ def fused_quantize_spec(
         if p1.shape[0] * p2.shape[0] != k:
             raise ValueError(f"stq.fused_quantize: factors {p1.shape[0]}x{p2.shape[0]} do not match {k} features")
         kron = (p1.shape[0], p2.shape[0])
-        if bits == 4 and kron[0] > 1 and kron[1] % 2:
+        if bits == 4 and pack and kron[0] > 1 and kron[1] % 2:
             # the kernel packs neighbouring codes of one row of the [d1, d2] token matrix
             raise ValueError(f"stq.fused_quantize: 4-bit packing after a Kronecker transform needs an even d2, got {kron}")
     if (gate_masked is None) != (gate_unmasked is None):
@@ -193,6 +199,7 @@ def fused_quantize_spec(
     return FusedQuantizeSpec(
         features=k, bits=bits, rms_norm=rms_eps is not None, norm_weight=norm_weight is not None,
         tac_group=tac_group, smooth=inv_smooth is not None, kron=kron, gate=gate_masked is not None,
+        pack=bool(pack),
     )
 
 
@@ -209,11 +216,12 @@ def fused_quantize_reference(
     is_masked: Optional[torch.Tensor] = None,
     gate_masked: Optional[torch.Tensor] = None,
     gate_unmasked: Optional[torch.Tensor] = None,
+    pack: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The definition of ``stq::fused_quantize`` (see the module docstring)."""
     h = transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
     q, scale, zero = quantize_per_token_reference(h, bits, is_masked, gate_masked, gate_unmasked)
-    return (pack_int4(q) if bits == 4 else q), scale, zero
+    return (pack_int4(q) if bits == 4 and pack else q), scale, zero
 
 
 def transform_reference(x, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None, p1=None, p2=None):
@@ -260,9 +268,10 @@ def fused_quantize(
     is_masked: Optional[torch.Tensor] = None,
     gate_masked: Optional[torch.Tensor] = None,
     gate_unmasked: Optional[torch.Tensor] = None,
+    pack: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[RMSNorm] → [TAC] → [smooth] → [P1 ⊗ P2] → [gate] → quantize → [pack]: (codes, scale, zero)."""
-    args = (x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2, is_masked, gate_masked, gate_unmasked)
+    args = (x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2, is_masked, gate_masked, gate_unmasked, pack)
     fused_quantize_spec(*args)
     if _interpreted_on_cpu(x):
         return _triton_fused().fused_quantize_triton(*args)
@@ -271,12 +280,12 @@ def fused_quantize(
 
 @fused_quantize.register_fake
 def _(x, bits, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
-      p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None):
+      p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None, pack=True):
     spec = fused_quantize_spec(x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2,
-                               is_masked, gate_masked, gate_unmasked)
+                               is_masked, gate_masked, gate_unmasked, pack)
     k = spec.features
     stat_shape = (*x.shape[:-1], 1)
-    codes = (x.new_empty((*x.shape[:-1], (k + 1) // 2), dtype=torch.uint8) if bits == 4
+    codes = (x.new_empty((*x.shape[:-1], (k + 1) // 2), dtype=torch.uint8) if spec.packed
              else x.new_empty(x.shape, dtype=torch.int8))
     return codes, x.new_empty(stat_shape, dtype=torch.float32), x.new_empty(stat_shape, dtype=torch.int32)
 

@@ -34,6 +34,7 @@ class KernelResources:
     spill_bytes: int
     async_copies: int  # asynchronous global->shared copies in the TTGIR: > 0 when pipelined
     mma: list[str]  # matrix instructions in the SASS
+    register_a: bool = False  # a wgmma reads its first operand from registers, not shared memory
 
     @property
     def uses_wgmma(self) -> bool:
@@ -41,7 +42,8 @@ class KernelResources:
 
     def row(self) -> str:
         return (f"{self.name:<52} smem={self.shared_bytes:>7} regs={self.registers:>3} "
-                f"spill={self.spill_bytes:>5} async_copies={self.async_copies:>2} mma={','.join(self.mma) or '-'}")
+                f"spill={self.spill_bytes:>5} async_copies={self.async_copies:>2} mma={','.join(self.mma) or '-'}"
+                f"{' A=regs' if self.register_a else ''}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +114,7 @@ def resources(compiled, name: str) -> KernelResources:
         spill_bytes=number(r"(\d+) bytes spill stores"),
         async_copies=len(re.findall(r"async_copy_global_to_local|async_tma_copy", compiled.asm["ttgir"])),
         mma=sorted(set(re.findall(r"\b([A-Z]GMMA|[A-Z]MMA)\b", sass))),
+        register_a=bool(re.search(r"warp_group_dot [^\n]*?\} : tensor<[^,>]*, #ttg\.dot_op<\{opIdx = 0", compiled.asm["ttgir"])),
     )
 
 
@@ -119,8 +122,27 @@ def resources(compiled, name: str) -> KernelResources:
 # The fused kernels' variants
 
 
+def w4_gemm_variant(config, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResources:
+    """``_w4_linear_kernel`` (packed 4-bit weight, int8 activation codes) for one config."""
+    from stq_compiler.codegen import triton_fused
+
+    kb = k // 2
+    args = {
+        "a_ptr": "*i8", "b_ptr": "*u8", "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32", "w_scale_ptr": "*fp32",
+        "w_sum_ptr": "*i32", "bias_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16",
+        "M": m, "N": n, "K": k, "KB": kb, "stride_am": k, "stride_bn": kb, "stride_rm": n, "stride_ym": n,
+    }
+    constexprs = {"HAS_BIAS": False, "SWIGLU": swiglu, "HAS_RESIDUAL": not swiglu, "BF16_BITS": False,
+                  "EVEN_K": True, "SWAR": True, **config.kwargs}
+    compiled = compile_sm90(triton_fused._w4_linear_kernel_body, args, constexprs, config.num_warps, config.num_stages)
+    kw = config.kwargs
+    name = f"gemm w4 (int8 codes){' swiglu' if swiglu else ''} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    return resources(compiled, name)
+
+
 def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResources:
-    """``_fused_linear_kernel`` for one autotuning config and operand mode, at an even shape."""
+    """``_fused_linear_kernel`` for one autotuning config and operand mode, at an even shape
+    (a packed weight with int8 activation codes runs ``w4_gemm_variant``'s kernel instead)."""
     from stq_compiler.codegen import triton_fused
 
     kb = k // 2
@@ -151,11 +173,11 @@ def quantize_variant(spec, m: int = 4096, name: str = "") -> KernelResources:
     d1, d2, d1p, d2p, block_m = triton_fused._quantize_tile(spec, m)
     ptrs = ("norm_w_ptr", "tac_m_ptr", "tac_d_ptr", "inv_smooth_ptr", "p1_ptr", "p2_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr")
     args = {p: "*fp32" for p in ptrs}
-    args.update({"x_ptr": "*bf16", "q_ptr": "*u8" if bits == 4 else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
-                 "M": m, "stride_xm": k, "stride_qm": (k + 1) // 2 if bits == 4 else k, "eps": 1e-5})
+    args.update({"x_ptr": "*bf16", "q_ptr": "*u8" if spec.packed else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
+                 "M": m, "stride_xm": k, "stride_qm": (k + 1) // 2 if spec.packed else k, "eps": 1e-5})
     constexprs = {
         "K": k, "D1": d1, "D2": d2, "D1P": d1p, "D2P": d2p,
-        "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": bits == 4,
+        "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": spec.packed,
         "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight, "TAC_G": spec.tac_group,
         "HAS_SMOOTH": spec.smooth, "HAS_KRON": spec.kron is not None, "HAS_GATE": spec.gate,
         "BLOCK_M": block_m, "KRON_PRECISION": triton_fused.KRON_PRECISION,
@@ -187,12 +209,17 @@ def all_variants():
 
     for name, spec in site_specs():
         yield lambda name=name, spec=spec: quantize_variant(spec, name=name)
-    for a_packed, b_packed in ((True, True), (False, False), (False, True)):
+    for a_packed, b_packed in ((True, True), (False, False)):
         for swiglu in (False, True):
             for config in triton_fused.gemm_configs():
                 if swiglu and not triton_fused.swiglu_fits(config):
                     continue
                 yield lambda c=config, a=a_packed, b=b_packed, s=swiglu: gemm_variant(c, a, b, s)
+    for swiglu in (False, True):
+        for config in triton_fused.w4_gemm_configs():
+            if swiglu and not triton_fused.w4_swiglu_fits(config):
+                continue
+            yield lambda c=config, s=swiglu: w4_gemm_variant(c, s)
 
 
 def main() -> list[KernelResources]:

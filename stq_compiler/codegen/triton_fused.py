@@ -202,24 +202,25 @@ def _quantize_warps(elements: int) -> int:
 
 def fused_quantize_triton(
     x, bits, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
-    p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None,
+    p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None, pack=True,
 ):
     """``stq::fused_quantize`` in Triton (see the module docstring)."""
     ops = _ops()
     spec = ops.fused_quantize_spec(x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2,
-                                   is_masked, gate_masked, gate_unmasked)
+                                   is_masked, gate_masked, gate_unmasked, pack)
     lead, k = x.shape[:-1], x.shape[-1]
     if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE:
         # Too large for one program's registers and shared memory: the float stages run as
         # PyTorch ops, the kernel gates, quantizes and packs.
         x = ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
-        return fused_quantize_triton(x, bits, is_masked=is_masked, gate_masked=gate_masked, gate_unmasked=gate_unmasked)
+        return fused_quantize_triton(x, bits, is_masked=is_masked, gate_masked=gate_masked, gate_unmasked=gate_unmasked,
+                                     pack=pack)
     if x.dtype not in _LOADABLE_DTYPES:
         x = x.float()
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    width = (k + 1) // 2 if bits == 4 else k
-    q = torch.empty((m, width), dtype=torch.uint8 if bits == 4 else torch.int8, device=x.device)
+    width = (k + 1) // 2 if spec.packed else k
+    q = torch.empty((m, width), dtype=torch.uint8 if spec.packed else torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     zero = torch.empty((m,), dtype=torch.int32, device=x.device)
     if m > 0:
@@ -241,7 +242,7 @@ def fused_quantize_triton(
                 state, arg(gate_masked), arg(gate_unmasked),
                 m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
                 K=k, D1=d1, D2=d2, D1P=d1p, D2P=d2p,
-                QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1), PACK=bits == 4,
+                QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
                 HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight,
                 TAC_G=spec.tac_group, HAS_SMOOTH=spec.smooth, HAS_KRON=spec.kron is not None, HAS_GATE=spec.gate,
                 BLOCK_M=block_m, KRON_PRECISION=KRON_PRECISION, **extra,
@@ -404,6 +405,124 @@ def _fused_linear_kernel_body(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
+@triton.jit
+def _nibble_planes(wb, SWAR: tl.constexpr):
+    """Packed bytes (uint8) -> (low-nibble codes, high-nibble codes), int8 in [-8, 7].
+
+    ``SWAR`` (GPU): four bytes per 32-bit register (``pack=4``) handled at once: ``t = nibble ^ 8``
+    lies in [0, 15], and ``((t | 0x80) - 8) ^ 0x80`` is ``t - 8`` in every byte with no borrow
+    between lanes (each lane holds 120..135 before the last xor). Five and four ALU operations per
+    eight codes, against two shifts per code; it halves the W4 GEMM's time on the H200
+    (``benchmarks/explore/w4_gemm_swapped.py``). The interpreter cannot run PTX: plain shifts."""
+    if SWAR:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, u;
+            and.b32 t, $2, 0x0f0f0f0f;
+            xor.b32 t, t, 0x88888888;
+            sub.u32 t, t, 0x08080808;
+            xor.b32 $0, t, 0x80808080;
+            shr.u32 u, $2, 4;
+            and.b32 u, u, 0x0f0f0f0f;
+            xor.b32 u, u, 0x88888888;
+            sub.u32 u, u, 0x08080808;
+            xor.b32 $1, u, 0x80808080;
+            }""",
+            constraints="=r,=r,r",
+            args=[wb],
+            dtype=(tl.int8, tl.int8),
+            is_pure=True,
+            pack=4,
+        )
+        return lo, hi
+    else:
+        b = wb.to(tl.int8, bitcast=True)
+        return (b << 4) >> 4, b >> 4
+
+
+@triton.jit
+def _w4_weight_tile(w_ptrs, j, KB, EVEN_K: tl.constexpr, SWAR: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of the packed weight as int8 codes [BLOCK_N, BLOCK_K] in K order (registers)."""
+    if EVEN_K:
+        wb = tl.load(w_ptrs)
+    else:
+        wb = tl.load(w_ptrs, mask=j < KB, other=0)
+    lo, hi = _nibble_planes(wb, SWAR)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _w4_linear_kernel_body(
+    a_ptr, b_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, res_ptr, y_ptr,
+    M, N, K, KB,
+    stride_am, stride_bn, stride_rm, stride_ym,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BF16_BITS: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """Packed 4-bit weight × int8 activation codes, computed transposed: ``Yᵀ = W Xᵀ``.
+
+    The weight tile is unpacked in registers and is the MMA's first operand, which wgmma reads
+    from registers; the activation tile goes global -> shared memory -> the MMA untouched. So no
+    unpacked operand makes a round trip through shared memory (the ``_fused_linear_kernel``
+    layout, with the weight second, must store it there). Accumulator and epilogue are
+    [BLOCK_N, BLOCK_M]; the tile is transposed once for the store."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pids_per_group = GROUP_N * num_pid_m
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_n = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % pids_per_group) % group_n
+    pid_m = (pid % pids_per_group) // group_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    w_rows = (offs_n % N).to(tl.int64)  # past the edge: re-read valid rows, masked at the store
+    a_rows = (offs_m % M).to(tl.int64)
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_j = tl.arange(0, HALF)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = b_ptr + w_rows[:, None] * stride_bn + offs_j[None, :]  # [BLOCK_N, HALF] bytes
+    a_ptrs = a_ptr + a_rows[None, :] * stride_am + offs_k[:, None]  # [BLOCK_K, BLOCK_M] codes
+    up_offset = N * stride_bn
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for kb in range(tl.cdiv(KB, HALF)):
+        j = kb * HALF + offs_j[None, :]
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(kb * BLOCK_K + offs_k[:, None]) < K, other=0)
+        w = _w4_weight_tile(w_ptrs, j, KB, EVEN_K, SWAR, BLOCK_N, BLOCK_K)
+        acc = tl.dot(w, a, acc, out_dtype=tl.int32)
+        if SWIGLU:
+            u = _w4_weight_tile(w_ptrs + up_offset, j, KB, EVEN_K, SWAR, BLOCK_N, BLOCK_K)
+            acc_up = tl.dot(u, a, acc_up, out_dtype=tl.int32)
+        w_ptrs += HALF
+        a_ptrs += BLOCK_K
+
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_zero = tl.load(x_zero_ptr + offs_m, mask=m_ok, other=0)
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    # the same float32 operations in the same order as _epilogue_tile, on the transposed tile
+    y = _epilogue_tile(tl.trans(acc), x_zero, x_scale, offs_n, w_sum_ptr, w_scale_ptr, bias_ptr, n_ok, HAS_BIAS)
+    if SWIGLU:
+        up = _epilogue_tile(tl.trans(acc_up), x_zero, x_scale, offs_n + N, w_sum_ptr, w_scale_ptr, bias_ptr, n_ok, HAS_BIAS)
+        sig = tl.math.div_rn(tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32), 1.0 + tl.exp(-y))
+        y = (y * sig) * up
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+        y = y + tl.load(r_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if BF16_BITS:
+        y = _bfloat16_bits_rne(y)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
 def _even_k(args) -> bool:
     if args["A_PACKED"] or args["B_PACKED"]:
         # every pair step whole, and an unpacked operand's odd column always inside K
@@ -476,6 +595,74 @@ def gemm_configs() -> list[triton.Config]:
     return list(_GPU_GEMM_CONFIGS)
 
 
+def _w4_config(block_m, block_n, block_k, num_warps, num_stages, group_n=8):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_N": group_n},
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+# W4 (packed weight, int8 activation codes), transposed: BLOCK_N weight rows are the wgmma M
+# side (64 a warpgroup), BLOCK_M tokens its N side (any multiple of 8, so few tokens fit well).
+# The first two won every LLaDA-8B linear at 1024 and 4096 tokens on the H200 (740-815 TOP/s).
+_W4_GPU_CONFIGS = [
+    _w4_config(256, 128, 128, 8, 3),
+    _w4_config(128, 128, 128, 4, 4),
+    _w4_config(128, 128, 128, 4, 3),
+    _w4_config(256, 128, 128, 8, 4),
+    _w4_config(128, 256, 128, 8, 3),
+    # SwiGLU (two accumulators, see w4_swiglu_fits)
+    _w4_config(128, 128, 128, 8, 3),
+    _w4_config(64, 128, 128, 4, 4),
+    # a few tokens (M = 1 .. 64)
+    _w4_config(16, 128, 128, 4, 4),
+    _w4_config(32, 128, 128, 4, 4),
+    _w4_config(16, 64, 256, 4, 4),
+    _w4_config(32, 64, 128, 4, 4),
+]
+
+
+def w4_swiglu_fits(config) -> bool:
+    """SwiGLU keeps two int32 accumulators: at most 64 outputs of each a thread."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 32 * config.num_warps
+
+
+def _prune_w4_configs(configs, named_args, **kwargs):
+    m = named_args["M"]
+    swiglu = kwargs.get("SWIGLU", named_args.get("SWIGLU", False))
+    if m > 64:
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    else:
+        cap = max(16, triton.next_power_of_2(m))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    if swiglu:
+        kept = [c for c in kept if w4_swiglu_fits(c)]
+    return kept
+
+
+def _w4_even_k(args) -> bool:
+    return args["KB"] % (args["BLOCK_K"] // 2) == 0 and args["K"] == 2 * args["KB"]
+
+
+_w4_linear_kernel_fixed = triton.heuristics({"EVEN_K": _w4_even_k})(_w4_linear_kernel_body)
+if INTERPRET:
+    _w4_linear_kernel = _w4_linear_kernel_fixed
+else:
+    _w4_linear_kernel = triton.autotune(
+        configs=_W4_GPU_CONFIGS,
+        key=["M", "N", "K", "SWIGLU"],
+        prune_configs_by={"early_config_prune": _prune_w4_configs},
+    )(_w4_linear_kernel_fixed)
+
+# the interpreter's one configuration (large blocks: each program costs milliseconds there)
+_W4_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_N": 4}
+
+
+def w4_gemm_configs() -> list[triton.Config]:
+    """The autotuned configurations of the W4 kernel on the GPU (for tests and benchmarks)."""
+    return list(_W4_GPU_CONFIGS)
+
+
 def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype, config=None):
     """``stq::fused_linear`` in Triton (see the module docstring). ``config``: a ``triton.Config``
     to run instead of autotuning (GPU only)."""
@@ -514,6 +701,9 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+        if b_packed and not a_packed:
+            _launch_w4(args, flags, grid, config)
+            return y.view(*lead, n)
         with _device_of(a):
             if INTERPRET:
                 _fused_linear_kernel[grid](*args, **flags, **_INTERPRET_GEMM_CONFIG)
@@ -525,6 +715,27 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
             else:
                 _fused_linear_kernel[grid](*args, **flags, enable_fp_fusion=False)
     return y.view(*lead, n)
+
+
+def _launch_w4(args, flags, grid, config) -> None:
+    """The transposed W4 kernel for a packed weight and int8 activation codes (W4A4 with the
+    activation codes one a byte, W4A8)."""
+    (a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg, m, n, k, kb,
+     stride_am, _, stride_bn, _, stride_rm, stride_ym) = args
+    w4_args = (a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg, m, n, k, kb,
+               stride_am, stride_bn, stride_rm, stride_ym)
+    w4_flags = {key: flags[key] for key in ("HAS_BIAS", "SWIGLU", "HAS_RESIDUAL", "BF16_BITS")}
+    w4_flags["SWAR"] = not INTERPRET
+    with _device_of(a):
+        if INTERPRET:
+            _w4_linear_kernel[grid](*w4_args, **w4_flags, **_W4_INTERPRET_CONFIG)
+        elif config is not None:
+            _w4_linear_kernel_fixed[grid](
+                *w4_args, **w4_flags, **config.kwargs, num_warps=config.num_warps,
+                num_stages=config.num_stages, enable_fp_fusion=False,
+            )
+        else:
+            _w4_linear_kernel[grid](*w4_args, **w4_flags, enable_fp_fusion=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,9 +756,9 @@ def register_cuda_kernels() -> None:
 
 
 def _fused_quantize_cuda(x, bits, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
-                         p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None):
+                         p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None, pack=True):
     return fused_quantize_triton(x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2,
-                                 is_masked, gate_masked, gate_unmasked)
+                                 is_masked, gate_masked, gate_unmasked, pack)
 
 
 def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, swiglu, out_dtype):
@@ -557,7 +768,8 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
     kernels = (_normalised, _fused_quantize_kernel, _a_planes, _k_planes, _epilogue_tile,
-               _bfloat16_bits_rne, _fused_linear_kernel_body)
+               _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes, _w4_weight_tile,
+               _w4_linear_kernel_body)
     sources = {}
     for kernel in kernels:
         fn = kernel

@@ -1,5 +1,6 @@
 """fuse_quantized_sites: each site's quantizer and its prologue into ``stq.fused_quantize``, each
-quantized linear and its epilogue into ``stq.fused_linear``, with 4-bit codes packed two a byte.
+quantized linear and its epilogue into ``stq.fused_linear``, with 4-bit weight codes packed two a
+byte and 4-bit activation codes one a byte (``pack=False``).
 
 Expects: a graph after ``quantize_linears`` (and optionally ``insert_token_state``,
 ``insert_tac``): per site ``stq.quantize_per_token(act, bits, ...)``, its three outputs read by
@@ -287,7 +288,10 @@ def fuse_quantized_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassReport
             width = getattr(gm, readers[0].args[3].target).shape[1] if readers else -1
         x, prologue, absorbed, stages = _absorb_prologue(gm, act, quantize, width)
         with graph.inserting_before(quantize):
-            fused = graph.call_function(FUSED_QUANTIZE, (x, bits), {**prologue, **extra})
+            # 4-bit activation codes stay one a byte (pack=False): the W4 GEMM reads them straight
+            # into shared memory for the MMA, while a packed tile would have to be unpacked in
+            # registers and stored back (about 2x slower on the H200; triton_fused docstring).
+            fused = graph.call_function(FUSED_QUANTIZE, (x, bits), {**prologue, **extra, "pack": False})
         fused.meta["stq_fused"] = {"stages": [*reversed(stages), "quantize"], "bits": bits}
         quantize.replace_all_uses_with(fused)
         graph.erase_node(quantize)

@@ -168,35 +168,45 @@ else:
         ("norm_w", "tac", "smooth", "kron", "gate"),  # everything
     ]
 
-    @pytest.mark.parametrize("bits", [4, 8])
+    # activation bits, 4-bit codes packed two a byte or kept one a byte (as the fusion pass does)
+    STORAGE = [(4, True), (4, False), (8, True)]
+
+    def _storage_id(s):
+        return f"a{s[0]}" + ("-bytes" if s[0] == 4 and not s[1] else "")
+
+    @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
     @pytest.mark.parametrize("stages", STAGE_SETS, ids=lambda s: "+".join(s) or "quantize")
-    def test_fused_quantize_stages(stages, bits):
+    def test_fused_quantize_stages(stages, bits, pack):
         # K = 48 = 6 x 8 (d1 padded to 16 in the kernel), 13 tokens: several per program, partial block
         m, k, kron = 13, 48, (6, 8)
         gen = _gen("stages", stages, bits)
         x = _activation(m, k, torch.bfloat16, gen)
         kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
-        got = fused_quantize_triton(x, bits, **kw)
-        want = fused_ops.fused_quantize_reference(x, bits, **kw)
+        got = fused_quantize_triton(x, bits, **kw, pack=pack)
+        want = fused_ops.fused_quantize_reference(x, bits, **kw, pack=pack)
         float_stages = {"norm", "norm_w", "tac", "kron"} & set(stages)
         assert_codes_agree(got, want, k, exact=not float_stages)
 
-    @pytest.mark.parametrize("bits", [4, 8])
+    @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
     @pytest.mark.parametrize(
         "m,k,kron",
         [(1, 64, (8, 8)), (7, 45, None), (5, 1, None), (9, 30, (5, 6)), (3, 40, (2, 20)), (17, 256, (16, 16))],
         ids=lambda v: str(v),
     )
-    def test_fused_quantize_shapes(m, k, kron, dtype, bits):
+    def test_fused_quantize_shapes(m, k, kron, dtype, bits, pack):
         # M = 1, odd M, odd K (a padded nibble), K = 1, padded factors, several tokens a program.
+        if kron == (5, 6) and bits == 4 and not pack:
+            kron = (6, 5)  # an odd d2 is allowed when nothing is packed
         gen = _gen("shapes", m, k, kron, dtype, bits)
         stages = ("norm_w", "gate") + (("kron",) if kron else ())
         x = _activation(m, k, dtype, gen)
         kw = _stage_args(stages, m, k, kron, gen, dtype)
-        got = fused_quantize_triton(x, bits, **kw)
-        assert got[0].shape == ((m, (k + 1) // 2) if bits == 4 else (m, k))
-        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, bits, **kw), k)
+        got = fused_quantize_triton(x, bits, **kw, pack=pack)
+        packed = bits == 4 and pack
+        assert got[0].shape == ((m, (k + 1) // 2) if packed else (m, k))
+        assert got[0].dtype == (torch.uint8 if packed else torch.int8)
+        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, bits, **kw, pack=pack), k)
 
     @pytest.mark.parametrize("bits", [4, 8])
     def test_fused_quantize_exact_with_exact_transforms(bits):
@@ -221,6 +231,8 @@ else:
         q_ref, scale_ref, zero_ref = ops.quantize_per_token_reference(x, 4, kw["is_masked"], kw["gate_masked"], kw["gate_unmasked"])
         assert torch.equal(fused_ops.unpack_int4(q, 33), q_ref)
         assert torch.equal(scale, scale_ref) and torch.equal(zero, zero_ref)
+        q_bytes, _, _ = fused_quantize_triton(x, 4, **kw, pack=False)
+        assert torch.equal(q_bytes, q_ref)
 
     def test_fused_quantize_large_kron_falls_back(monkeypatch):
         # Factors above MAX_FUSED_KRON_TILE: float stages in PyTorch, then the kernel.
@@ -249,10 +261,15 @@ else:
     # (M, N, K) under the interpreter's BLOCK_M=32, BLOCK_N=64, BLOCK_K=64 (32 bytes packed):
     # M = 1, odd M over two row tiles, K not a multiple of BLOCK_K, odd K, an even K, N = 1.
     GEMM_SHAPES = [(1, 45, 70), (37, 100, 150), (5, 64, 128), (13, 130, 63), (3, 1, 200)]
-    # activation bits, weight bits: both packed, both int8, 8-bit activations on packed 4-bit weights
-    OPERANDS = [(4, 4), (8, 8), (8, 4)]
+    # activation bits, weight bits[, activation packed]: both packed, both int8, 8-bit activations
+    # on packed 4-bit weights, 4-bit activation codes one a byte on packed weights (the fusion
+    # pass's W4A4; with a8w4 this is the transposed W4 kernel)
+    OPERANDS = [(4, 4), (8, 8), (8, 4), (4, 4, False)]
 
-    def _operands(m, n, k, a_bits, w_bits, gen):
+    def _operands_id(b):
+        return f"a{b[0]}w{b[1]}" + ("-a-bytes" if len(b) > 2 and not b[2] else "")
+
+    def _operands(m, n, k, a_bits, w_bits, gen, a_packed=None):
         """Random codes, their storage (packed for 4 bits), zero points and weight sums."""
         a_lo, a_hi = -(1 << (a_bits - 1)), 1 << (a_bits - 1)
         w_max = (1 << (w_bits - 1)) - 1
@@ -260,19 +277,20 @@ else:
         wq = torch.randint(-w_max, w_max + 1, (n, k), dtype=torch.int8, generator=gen)
         x_zero = torch.randint(a_lo, a_hi, (m, 1), dtype=torch.int32, generator=gen)
         w_sum = wq.sum(dim=1, dtype=torch.int32)
-        x_store = fused_ops.pack_int4(xq) if a_bits == 4 else xq
+        a_packed = a_bits == 4 if a_packed is None else a_packed
+        x_store = fused_ops.pack_int4(xq) if a_packed else xq
         w_store = fused_ops.pack_int4(wq) if w_bits == 4 else wq
         return xq, wq, x_store, w_store, x_zero, w_sum
 
     def _integer_reference(xq, x_zero, wq, w_sum):
         return xq.long() @ wq.long().t() - x_zero.long() * w_sum.long()
 
-    @pytest.mark.parametrize("bits", OPERANDS, ids=lambda b: f"a{b[0]}w{b[1]}")
+    @pytest.mark.parametrize("bits", OPERANDS, ids=_operands_id)
     @pytest.mark.parametrize("mnk", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
     def test_fused_linear_integer_part_is_exact(mnk, bits):
         m, n, k = mnk
         gen = _gen("int", mnk, bits)
-        xq, wq, x_store, w_store, x_zero, w_sum = _operands(m, n, k, *bits, gen)
+        xq, wq, x_store, w_store, x_zero, w_sum = _operands(m, n, k, *bits[:2], gen, *bits[2:])
         ones_m, ones_n = torch.ones(m, 1), torch.ones(n)
         y = fused_linear_triton(x_store, ones_m, x_zero, w_store, ones_n, w_sum, None, None, False, torch.float32)
         exact = _integer_reference(xq, x_zero, wq, w_sum)
@@ -288,7 +306,7 @@ else:
         assert bool((diff <= tol).all()), f"max abs diff {diff.max().item():.3e}"
 
     def _epilogue_case(m, n, k, bits, out_dtype, with_bias, epilogue, gen):
-        xq, wq, x_store, w_store, x_zero, w_sum = _operands(m, n, k, *bits, gen)
+        xq, wq, x_store, w_store, x_zero, w_sum = _operands(m, n, k, *bits[:2], gen, *bits[2:])
         x_scale = torch.rand(m, 1, generator=gen) * 0.05 + 1e-3
         w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
         bias = (torch.randn(n, generator=gen) * 0.5).to(out_dtype) if with_bias else None
@@ -311,16 +329,17 @@ else:
 
     @pytest.mark.parametrize("epilogue", ["plain", "swiglu", "residual"])
     @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-    @pytest.mark.parametrize("bits", OPERANDS, ids=lambda b: f"a{b[0]}w{b[1]}")
+    @pytest.mark.parametrize("bits", OPERANDS, ids=_operands_id)
     def test_fused_linear_epilogues(bits, out_dtype, epilogue):
         gen = _gen("epilogue", bits, out_dtype, epilogue)
         _epilogue_case(37, 140, 75, bits, out_dtype, True, epilogue, gen)
 
+    @pytest.mark.parametrize("bits", [(4, 4), (4, 4, False)], ids=_operands_id)
     @pytest.mark.parametrize("epilogue", ["swiglu", "residual"])
     @pytest.mark.parametrize("mnk", [(1, 64, 64), (7, 34, 33)], ids=lambda s: "x".join(map(str, s)))
-    def test_fused_linear_epilogues_small_shapes_no_bias(mnk, epilogue):
-        gen = _gen("small", mnk, epilogue)
-        _epilogue_case(*mnk, (4, 4), torch.bfloat16, False, epilogue, gen)
+    def test_fused_linear_epilogues_small_shapes_no_bias(mnk, epilogue, bits):
+        gen = _gen("small", mnk, epilogue, bits)
+        _epilogue_case(*mnk, bits, torch.bfloat16, False, epilogue, gen)
 
     def test_fused_linear_rejects_bad_arguments():
         gen = _gen("reject")

@@ -125,6 +125,25 @@ def test_fused_quantize_real_shapes(model, site, m, bits):
     assert ok
 
 
+BYTES_CASES = [(model, site) for model in MODELS for site in SITES]
+
+
+@pytest.mark.parametrize("model,site", BYTES_CASES, ids=[f"{a}-{b}" for a, b in BYTES_CASES])
+def test_fused_quantize_bytes_equal_packed_codes(model, site):
+    # pack=False (the fusion pass's W4A4) runs the same arithmetic and stores codes one a byte:
+    # identical to the packed codes (checked against the reference above) once unpacked
+    seed = zlib.crc32(repr(("bytes", model, site)).encode()) % 100003
+    k, kw = _site_args(model, site, 1024, seed)
+    x = _activation(1024, k, seed)
+    packed, scale_p, zero_p = triton_fused.fused_quantize_triton(x, 4, **kw)
+    codes, scale, zero = triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)
+    ok = (codes.dtype == torch.int8 and codes.shape == (1024, k)
+          and torch.equal(fused_ops.unpack_int4(packed.cpu(), k), codes.cpu())
+          and torch.equal(scale, scale_p) and torch.equal(zero, zero_p))
+    report("fused_quantize", f"{model} {site} M=1024 K={k} a4 bytes == packed", ok)
+    assert ok
+
+
 def test_fused_quantize_exact_without_float_stages():
     # gate + quantize only: bit-exact against stq::quantize_per_token, packed
     k, kw = _site_args("llada", "down", 1024, 5)
@@ -152,10 +171,13 @@ LINEARS = [
     ("dream-gate_up", 3584, 2 * 18944, "swiglu", False),
     ("dream-down", 18944, 3584, "residual", False),
 ]
-OPERANDS = {"w4a4": (4, 4), "w8a8": (8, 8), "w4a8": (8, 4)}
+# (activation bits, weight bits, activation packed): "w4a4-bytes" is what the fusion pass runs
+# (4-bit activation codes one a byte); it and "w4a8" take the transposed W4 kernel
+OPERANDS = {"w4a4": (4, 4, True), "w8a8": (8, 8, False), "w4a8": (8, 4, False), "w4a4-bytes": (4, 4, False)}
+W4_KERNEL_MODES = ("w4a8", "w4a4-bytes")
 
 
-def _codes(m, n, k, a_bits, w_bits, seed):
+def _codes(m, n, k, a_bits, w_bits, a_packed, seed):
     gen = _gen(seed)
     a_lo, a_hi = -(1 << (a_bits - 1)), 1 << (a_bits - 1)
     w_max = (1 << (w_bits - 1)) - 1
@@ -163,16 +185,23 @@ def _codes(m, n, k, a_bits, w_bits, seed):
     wq = torch.randint(-w_max, w_max + 1, (n, k), dtype=torch.int8, device=DEV, generator=gen)
     x_zero = torch.randint(a_lo, a_hi, (m, 1), dtype=torch.int32, device=DEV, generator=gen)
     w_sum = wq.sum(dim=1, dtype=torch.int32)
-    x_store = fused_ops.pack_int4(xq) if a_bits == 4 else xq
+    x_store = fused_ops.pack_int4(xq) if a_packed else xq
     w_store = fused_ops.pack_int4(wq) if w_bits == 4 else wq
     return xq, wq, x_store, w_store, x_zero, w_sum
 
 
-def _fixed_config(m):
+def _configs(mode):
+    return triton_fused.w4_gemm_configs() if mode in W4_KERNEL_MODES else triton_fused.gemm_configs()
+
+
+def _fixed_config(m, mode):
     """One configuration per row-tile class: every configuration is checked at an awkward shape
     by test_fused_linear_every_config_is_exact, so the real shapes need not autotune (minutes)."""
-    want = (16, 128, 128, 4, 4) if m <= 16 else (128, 64, 128, 8, 4)
-    for c in triton_fused.gemm_configs():
+    if mode in W4_KERNEL_MODES:
+        want = (16, 128, 128, 4, 4) if m <= 16 else (128, 128, 128, 4, 4)
+    else:
+        want = (16, 128, 128, 4, 4) if m <= 16 else (128, 64, 128, 8, 4)
+    for c in _configs(mode):
         kw = c.kwargs
         if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) == want:
             return c
@@ -188,7 +217,7 @@ INT_CASES = [
     (name, k, n, m, mode)
     for name, k, n, _, _ in LINEARS
     for mode in OPERANDS
-    for m in (TOKENS if mode == "w4a4" else (7, 1024))
+    for m in (TOKENS if mode in ("w4a4", "w4a4-bytes") else (7, 1024))
 ]
 
 
@@ -197,7 +226,7 @@ def test_fused_linear_integer_part_is_exact(name, k, n, m, mode):
     xq, wq, x_store, w_store, x_zero, w_sum = _codes(m, n, k, *OPERANDS[mode], seed=m + k + n)
     ones_m, ones_n = torch.ones(m, 1, device=DEV), torch.ones(n, device=DEV)
     y = triton_fused.fused_linear_triton(x_store, ones_m, x_zero, w_store, ones_n, w_sum, None, None, False, torch.float32,
-                                         config=_fixed_config(m))
+                                         config=_fixed_config(m, mode))
     # int32 -> float32 rounds to nearest even on both sides, so equality holds above 2**24 too
     want = _exact_acc(xq, x_zero, wq, w_sum).to(torch.int32).float()
     ok = torch.equal(y, want)
@@ -214,7 +243,7 @@ def test_fused_linear_every_config_is_exact(mode, swiglu):
     ones_m, ones_n = torch.ones(m, 1, device=DEV), torch.ones(n, device=DEV)
     acc = _exact_acc(xq, x_zero, wq, w_sum).to(torch.int32).float()
     want = torch.nn.functional.silu(acc[:, : n // 2]) * acc[:, n // 2:] if swiglu else acc
-    for config in triton_fused.gemm_configs():
+    for config in _configs(mode):
         y = triton_fused.fused_linear_triton(x_store, ones_m, x_zero, w_store, ones_n, w_sum, None, None, swiglu,
                                              torch.float32, config=config)
         if swiglu:
@@ -232,11 +261,11 @@ EPI_CASES = [(name, k, n, epi, bias, m) for name, k, n, epi, bias in LINEARS for
 AUTOTUNED = {("llada-gate_up", 1024), ("llada-down", 1024), ("dream-qkv", 7)}
 
 
-@pytest.mark.parametrize("mode", ["w4a4", "w8a8"])
+@pytest.mark.parametrize("mode", ["w4a4", "w8a8", "w4a4-bytes"])
 @pytest.mark.parametrize("name,k,n,epilogue,has_bias,m", EPI_CASES, ids=[f"{c[0]}-M{c[5]}" for c in EPI_CASES])
 def test_fused_linear_epilogue(name, k, n, epilogue, has_bias, m, mode):
     # the W4A4 pipeline's real scales: activations quantized per token, weights per channel, bf16 out
-    a_bits, w_bits = OPERANDS[mode]
+    a_bits, w_bits, a_packed = OPERANDS[mode]
     x = _activation(m, k, seed=m * 7 + k)
     gen = _gen(n + k)
     w = ops.quantize_weight(torch.randn(n, k, device=DEV, generator=gen) * 0.02, bits=w_bits)
@@ -244,10 +273,10 @@ def test_fused_linear_epilogue(name, k, n, epilogue, has_bias, m, mode):
     bias = (torch.randn(n, device=DEV, generator=gen) * 0.1).bfloat16() if has_bias else None
     out_n = n // 2 if epilogue == "swiglu" else n
     residual = torch.randn(m, out_n, device=DEV, generator=gen).bfloat16() if epilogue == "residual" else None
-    xq, x_scale, x_zero = triton_fused.fused_quantize_triton(x, a_bits)
+    xq, x_scale, x_zero = triton_fused.fused_quantize_triton(x, a_bits, pack=a_packed)
     args = (xq, x_scale, x_zero, pw.q, pw.scale, pw.w_sum, bias, residual, epilogue == "swiglu", torch.bfloat16)
     autotuned = (name, m) in AUTOTUNED
-    y = triton_fused.fused_linear_triton(*args, config=None if autotuned else _fixed_config(m))
+    y = triton_fused.fused_linear_triton(*args, config=None if autotuned else _fixed_config(m, mode))
     y_ref = fused_ops.fused_linear_reference(*args)  # on the GPU: float64 integer matmul, float32 epilogue
     lin = (_exact_acc(fused_ops.codes_of(xq, k), x_zero, w.q, w.w_sum) * x_scale.double() * w.scale.double()).abs()
     if bias is not None:

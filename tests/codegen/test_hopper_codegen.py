@@ -28,8 +28,7 @@ def _config(block_m, block_n, block_k, num_warps, num_stages):
 @pytest.mark.parametrize("a_packed,b_packed,swiglu,config", [
     (True, True, False, (128, 128, 128, 8, 4)),  # W4A4, the large-M workhorse
     (True, True, True, (128, 64, 128, 8, 4)),  # W4A4 gate/up with SwiGLU
-    (False, True, False, (128, 128, 128, 8, 4)),  # W4A8
-], ids=["w4a4", "w4a4-swiglu", "w4a8"])
+], ids=["w4a4-packed", "w4a4-packed-swiglu"])
 def test_gemm_runs_on_wgmma_pipelined_without_spills(a_packed, b_packed, swiglu, config):
     r = hopper_codegen.gemm_variant(_config(*config), a_packed, b_packed, swiglu)
     print(r.row())
@@ -37,6 +36,40 @@ def test_gemm_runs_on_wgmma_pipelined_without_spills(a_packed, b_packed, swiglu,
     assert r.async_copies > 0  # loads pipelined through shared memory
     assert r.spill_bytes == 0
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
+
+
+def _w4_config(block_m, block_n, block_k, num_warps, num_stages):
+    for c in triton_fused.w4_gemm_configs():
+        kw = c.kwargs
+        if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) == (block_m, block_n, block_k, num_warps, num_stages):
+            return c
+    raise LookupError("not an autotuning configuration of the W4 kernel")
+
+
+@pytest.mark.parametrize("swiglu,config", [
+    (False, (256, 128, 128, 8, 3)),  # the H200's pick for LLaDA-8B's linears
+    (False, (128, 128, 128, 4, 4)),
+    (True, (128, 128, 128, 8, 3)),  # gate/up with SwiGLU
+    (False, (16, 128, 128, 4, 4)),  # a few tokens
+], ids=["256x128", "128x128", "swiglu", "few-tokens"])
+def test_w4_gemm_reads_the_unpacked_weight_from_registers(swiglu, config):
+    # the point of the transposed W4 kernel: the unpacked weight feeds wgmma from registers
+    r = hopper_codegen.w4_gemm_variant(_w4_config(*config), swiglu)
+    print(r.row())
+    assert r.uses_wgmma and "IGMMA" in r.mma
+    assert r.register_a
+    assert r.async_copies > 0
+    assert r.spill_bytes == 0
+    assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
+
+
+def test_every_w4_configuration_compiles_without_spills():
+    for swiglu in (False, True):
+        for c in triton_fused.w4_gemm_configs():
+            if swiglu and not triton_fused.w4_swiglu_fits(c):
+                continue
+            r = hopper_codegen.w4_gemm_variant(c, swiglu)
+            assert r.spill_bytes == 0 and r.uses_wgmma, r.row()
 
 
 def test_fused_quantize_kron_on_tensor_cores_without_spills():
