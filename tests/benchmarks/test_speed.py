@@ -1,0 +1,85 @@
+"""benchmarks/speed.py end to end on tiny models (its --tiny mode): on the CPU, and every row on a GPU."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
+FIELDS = ("model", "row", "method", "bits", "mode", "kind", "batch", "tokens", "latency_ms", "tokens_per_s",
+          "speedup_vs_fp16_inductor", "compile_s", "peak_gb", "weight_bytes", "note")
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _records(out: Path) -> list[dict]:
+    records = json.loads(out.read_text())["records"]
+    for r in records:
+        assert not r.get("error"), r
+        assert all(f in r for f in FIELDS), sorted(set(FIELDS) - set(r))
+        assert math.isfinite(r["latency_ms"]) and r["latency_ms"] > 0
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert r["weight_bytes"] > 0
+    return records
+
+
+def test_tiny_run_measures_each_row_of_each_model(speed, tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["speed.py", "--tiny"])
+    out = tmp_path / "speed.json"
+    speed.main(["--tiny", "--out", str(out), "--recipe-dir", str(tmp_path / "recipes")])
+    records = _records(out)
+    rows = {(r["model"], r["row"], r["mode"]): r for r in records}
+    assert set(rows) == {(m, row, mode) for m in ("llada", "dream")
+                         for row, mode in (("fp16-eager", "eager"), ("fp16-inductor", "default"), ("starquant-w4a4", "default"))}
+    for model in ("llada", "dream"):
+        fp, sq = rows[(model, "fp16-inductor", "default")], rows[(model, "starquant-w4a4", "default")]
+        assert fp["speedup_vs_fp16_inductor"] == 1.0 and sq["speedup_vs_fp16_inductor"] > 0
+        assert (fp["batch"], fp["tokens"], sq["fuse"]) == (1, 64, True)
+        assert sq["compile_s"] > 0 and sq["float_weights_released_bytes"] > 0
+        # the quantized model holds fewer bytes than the float one, and its float block weights are gone
+        assert sq["weight_bytes"] < fp["weight_bytes"] - sq["float_weights_released_bytes"] / 2
+        assert Path(sq["recipe_path"]).exists()
+    skipped = json.loads(out.read_text())["skipped"]
+    assert {s["row"] for s in skipped} == {"w8a8-int_mm-peer", "fp8-scaled_mm-peer"}
+    assert "| starquant-w4a4 |" in out.with_suffix(".md").read_text()
+
+
+def test_tiny_end_to_end_row_and_resume(speed, tmp_path):
+    out = tmp_path / "speed.json"
+    argv = ["--tiny", "--models", "llada", "--rows", "fp16-eager", "--e2e", "--out", str(out)]
+    speed.main(argv)
+    records = _records(out)
+    assert [(r["kind"], r["tokens"]) for r in records] == [("step", 64), ("e2e", 16)]
+    assert records[1]["e2e_s"] > 0 and records[1]["steps"] == 4
+    speed.main(argv + ["--resume"])  # nothing left to run: the records stay
+    assert [r["latency_ms"] for r in _records(out)] == [r["latency_ms"] for r in records]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_every_row_and_mode_on_the_gpu(speed, tmp_path):
+    """The GPU paths before a long run: the peers, CUDA graphs with released weights, end to end."""
+    out, recipes = tmp_path / "speed.json", str(tmp_path / "recipes")
+    common = ["--tiny", "--models", "llada", "--device", "cuda", "--out", str(out), "--recipe-dir", recipes]
+    speed.main(common + ["--rows", *speed.ROWS, "--modes", *speed.MODES])
+    speed.main(common + ["--rows", "fp16-inductor", "starquant-w4a4", "--modes", "reduce-overhead", "--e2e", "--resume"])
+    records = _records(out)
+    assert json.loads(out.read_text())["skipped"] == []
+    assert len(records) == 1 + 2 * (len(speed.ROWS) - 1) + 2
+    for r in records:
+        assert r["peak_gb"] > 0
+        assert r["cudagraphs"] == (r["mode"] == "reduce-overhead")
+        if r["row"].startswith(("starquant", "w8a8", "fp8")):
+            assert r["float_weights_released_bytes"] > 0 and r["weight_bytes"] < r["float_weight_gb"] * 2**30
