@@ -144,7 +144,14 @@ def _settings_from_recipe(options: dict) -> dict:
         if given is not None and value is not None and given != value:
             raise ValueError(f"starquant: option {name}={given} contradicts the recipe, which was calibrated with {name}={value}")
         settings[name] = value if value is not None else given
-    if recipe.options.get("quantize_head") and not options.get("quantize_head", True):
-        raise ValueError("starquant: the recipe quantizes the LM head; option quantize_head=False contradicts it")
-    settings["quantize_head"] = bool(recipe.options.get("quantize_head", options.get("quantize_head", False)))
+    recipe_head = recipe.options.get("quantize_head")
+    given_head = options.get("quantize_head")
+    if recipe_head is not None and given_head is not None and bool(given_head) != bool(recipe_head):
+        if recipe_head:
+            raise ValueError("starquant: the recipe quantizes the LM head; option quantize_head=False contradicts it")
+        raise ValueError(
+            "starquant: option quantize_head=True contradicts the recipe, which was calibrated without the LM "
+            "head; calibrate with quantize_head=True to quantize it"
+        )
+    settings["quantize_head"] = bool(recipe_head if recipe_head is not None else given_head)
     return settings

@@ -108,6 +108,11 @@ def test_mismatched_and_contradicted_recipes_are_refused(starquant_recipe, tmp_p
     assert isinstance(getattr(info.value, "inner_exception", info.value), RecipeMismatchError)
     with pytest.raises(ValueError, match="contradicts the recipe"):
         StarQuant(recipe=starquant_recipe, w_bits=8)
+    # calibrated without the head: asking for a quantized head is refused, not silently dropped
+    assert starquant_recipe.options["quantize_head"] is False
+    with pytest.raises(ValueError, match="quantize_head=True contradicts the recipe"):
+        StarQuant(recipe=starquant_recipe, quantize_head=True)
+    assert StarQuant(recipe=starquant_recipe, quantize_head=False).options.quantize_head is False
     path = starquant_recipe.save(tmp_path / "r.stq")
     data = bytearray(path.read_bytes())
     path.write_bytes(bytes(data[: len(data) // 2]))

@@ -129,18 +129,26 @@ BYTES_CASES = [(model, site) for model in MODELS for site in SITES]
 
 
 @pytest.mark.parametrize("model,site", BYTES_CASES, ids=[f"{a}-{b}" for a, b in BYTES_CASES])
-def test_fused_quantize_bytes_equal_packed_codes(model, site):
-    # pack=False (the fusion pass's W4A4) runs the same arithmetic and stores codes one a byte:
-    # identical to the packed codes (checked against the reference above) once unpacked
+def test_fused_quantize_bytes_real_shapes(model, site):
+    # pack=False (the fusion pass's W4A4): int8 codes one a byte, against the reference, with the
+    # criterion of test_fused_quantize_real_shapes. Not compared bit for bit with the packed
+    # variant: it is compiled separately and its float stages may sum in another order.
     seed = zlib.crc32(repr(("bytes", model, site)).encode()) % 100003
     k, kw = _site_args(model, site, 1024, seed)
     x = _activation(1024, k, seed)
-    packed, scale_p, zero_p = triton_fused.fused_quantize_triton(x, 4, **kw)
-    codes, scale, zero = triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)
-    ok = (codes.dtype == torch.int8 and codes.shape == (1024, k)
-          and torch.equal(fused_ops.unpack_int4(packed.cpu(), k), codes.cpu())
-          and torch.equal(scale, scale_p) and torch.equal(zero, zero_p))
-    report("fused_quantize", f"{model} {site} M=1024 K={k} a4 bytes == packed", ok)
+    q, scale, zero = triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)
+    torch.cuda.synchronize()
+    cpu = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+    q_ref, scale_ref, zero_ref = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu, pack=False)
+    q, scale, zero = q.cpu(), scale.cpu(), zero.cpu()
+    diff = (q.int() - q_ref.int()).abs()
+    same = (diff == 0).double().mean().item()
+    scale_rel = ((scale.double() - scale_ref.double()).abs() / scale_ref.double()).max().item()
+    zero_diff = (zero - zero_ref).abs().max().item()
+    ok = (q.dtype == torch.int8 and q.shape == q_ref.shape == (1024, k) and scale_rel <= 1e-5 and zero_diff <= 1
+          and diff.max().item() <= 1 and same >= 0.999)
+    report("fused_quantize", f"{model} {site} M=1024 K={k} a4 bytes", ok,
+           codes_identical=same, max_code_diff=diff.max().item(), scale_rel=scale_rel, zero_diff=zero_diff)
     assert ok
 
 
