@@ -28,11 +28,12 @@ float32, and one cast to ``out_dtype``.
 
 Packed 4-bit layout (``torch.uint8``, two codes per byte along K): byte ``j`` of a row holds code
 ``2j`` in its low nibble and code ``2j + 1`` in its high nibble, each as a two's-complement
-4-bit integer; an odd K is padded with a zero code. The GEMM unpacks a byte tile into its
-even-k plane ``(b << 4) >> 4`` and odd-k plane ``b >> 4`` (arithmetic shifts on int8) and runs
-one int8 dot per plane: a contraction does not care in which order it visits k, so the planes
-never have to be interleaved back (no join or reshape in the inner loop). Padding codes are zero
-in the weight, so the padded k adds nothing whatever the activation holds there.
+4-bit integer; an odd K is padded with a zero code. With both operands packed the GEMM unpacks
+each byte tile into its even-k plane ``(b << 4) >> 4`` and odd-k plane ``b >> 4`` and runs one
+int8 dot per plane (a contraction does not care in which order it visits k); with int8
+activation codes it unpacks the weight and joins the planes back into K order, so the
+activation tile is used as it lies in memory. Padding codes are zero in the weight, so the
+padded k adds nothing whatever the activation holds there.
 """
 
 # torch.library.custom_op reads the signatures: Optional[...] as in stq_compiler.ops.

@@ -36,7 +36,8 @@ class BackendOptions:
     * ``fuse``: replace each site's quantizer and its prologue (RMSNorm, TAC, smoothing, Kronecker)
       with ``stq.fused_quantize`` and the linears with ``stq.fused_linear`` on packed weights (q/k/v
       as one GEMM, gate/up as one SwiGLU GEMM, residual adds in the GEMM); ``passes/fuse.py``.
-      Off by default until the fused kernels are checked on the GPU.
+      Off by default: checked on the H200, but slower there than the unfused graph until the
+      activation-side kernel is fast (README, Speed).
     * ``inductor``: hand the rewritten graph to Inductor (default); ``False`` runs it as FX code.
     * ``inductor_config``: extra Inductor config patches.
     """

@@ -31,6 +31,16 @@ loaded whole and split into its even and odd columns in registers). Epilogue in 
 + bias``, then SwiGLU (two accumulators, the gate rows at n and the up rows at n + N/2) or a
 residual add, one cast. Compiled with ``enable_fp_fusion=False`` like ``triton_rtn``.
 
+``_w4_linear_kernel``: what ``fused_linear`` runs for a packed 4-bit weight and int8 activation
+codes (W4A8, and W4A4 with the codes one a byte, as the fusion pass emits them). It computes
+``Yᵀ = W Xᵀ``: the weight tile is unpacked in registers (``_nibble_planes``: on the GPU four bytes
+a 32-bit register at once, see there), joined back into K order and given to ``tl.dot`` as the
+first operand, which Hopper's wgmma reads from registers; the activation tile goes to shared
+memory untouched. With the weight second (``_fused_linear_kernel``) the unpacked tile has to be
+stored to shared memory for wgmma, and that round trip halved the speed (H200: 780-815 TOP/s
+here against 360-380 there, ``benchmarks/explore/w4_gemm_swapped.py``). The same epilogue, on the
+transposed tile.
+
 Under ``TRITON_INTERPRET=1`` (read at import) both run on CPU tensors with one large-block
 configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.
 """
