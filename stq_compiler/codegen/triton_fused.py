@@ -117,7 +117,10 @@ def _fused_quantize_kernel(
         x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
 
     if TAC_G > 0:
-        # out[c] = sum_j z[G*(c // G) + j] * M[c // G, c % G, j] + d[c], with M[c//G, c%G, j] at c*G + j
+        # out[c] = sum_j z[G*(c // G) + j] * M[c // G, c % G, j] + d[c]. The wrapper passes M as
+        # [G, K] (M[c // G, c % G, j] at j*K + c), so each step's load is contiguous along c: read
+        # as [K/G, G, G] (stride G along c) it cost about 8x the L2 sectors, and a program re-reads
+        # all of M for its few tokens.
         block_start = (col // TAC_G) * TAC_G
         acc = tl.zeros([BLOCK_M, D1P, D2P], dtype=tl.float32)
         for jj in tl.static_range(TAC_G):
@@ -128,7 +131,7 @@ def _fused_quantize_kernel(
                 if HAS_NORM_WEIGHT:
                     w_src = tl.load(norm_w_ptr + src, mask=col_ok, other=0.0).to(tl.float32)
                 z = _normalised(z, rstd, w_src, HAS_NORM, HAS_NORM_WEIGHT)
-            m = tl.load(tac_m_ptr + col * TAC_G + jj, mask=col_ok, other=0.0).to(tl.float32)
+            m = tl.load(tac_m_ptr + jj * K + col, mask=col_ok, other=0.0).to(tl.float32)
             acc += z * m
         x = acc + tl.load(tac_d_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
 
@@ -243,12 +246,14 @@ def fused_quantize_triton(
         if spec.gate:
             state = is_masked.reshape(-1).contiguous().view(torch.uint8)
         d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
+        # TAC's M [K/G, G(out), G(in)] as [G(in), K]: the kernel's loads then run along K
+        tac_m_by_column = tac_m.permute(2, 0, 1).reshape(tac_m.shape[2], -1) if tac_m is not None else None
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         extra = {} if INTERPRET else {"num_warps": _quantize_warps(block_m * d1p * d2p), "enable_fp_fusion": False}
         with _device_of(x2):
             _fused_quantize_kernel[(triton.cdiv(m, block_m),)](
                 x2, q, scale, zero,
-                arg(norm_weight), arg(tac_m), arg(tac_d), arg(inv_smooth), arg(p1), arg(p2),
+                arg(norm_weight), arg(tac_m_by_column), arg(tac_d), arg(inv_smooth), arg(p1), arg(p2),
                 state, arg(gate_masked), arg(gate_unmasked),
                 m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
                 K=k, D1=d1, D2=d2, D1P=d1p, D2P=d2p,

@@ -6,6 +6,7 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stq_compiler.analysis import analyze
 from stq_compiler.fused_ops import unpack_int4
@@ -54,14 +55,15 @@ def run(gm, inputs):
         return [o for o in gm(*inputs) if isinstance(o, torch.Tensor)]
 
 
+@pytest.mark.parametrize("swiglu", [False, True], ids=["stacked-gate-up", "swiglu-epilogue"])
 @pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (8, 8), (4, 8)], ids=["w4a4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("transformed", [True, False], ids=["starquant", "rtn"])
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-def test_fused_graph_is_exact_on_float32_models(arch, transformed, w_bits, a_bits):
+def test_fused_graph_is_exact_on_float32_models(arch, transformed, w_bits, a_bits, swiglu):
     gm, inputs, _ = quantized_graph(arch, w_bits, a_bits, transformed)
     before = run(gm, inputs)
     sites, linears = targets(gm).count(QUANTIZE), targets(gm).count(LINEAR)
-    gm, report = fuse_quantized_sites(gm)
+    gm, report = fuse_quantized_sites(gm, swiglu_epilogue=swiglu)
     after = run(gm, inputs)
     assert len(before) == len(after) and all(torch.equal(b, a) for b, a in zip(before, after))
 
@@ -69,9 +71,15 @@ def test_fused_graph_is_exact_on_float32_models(arch, transformed, w_bits, a_bit
     found = targets(gm)
     assert QUANTIZE not in found and LINEAR not in found
     assert found.count(FUSED_QUANTIZE) == sites == d["sites_fused"] == 4 * LAYERS
-    assert d["swiglu"] == LAYERS and d["residual"] == 2 * LAYERS  # gate/up; o and down
-    assert d["concatenated"] == LAYERS  # q/k/v: one GEMM over the stacked weights, split after
-    assert found.count(FUSED_LINEAR) == linears - d["swiglu"] - 2 * d["concatenated"] and d["linears_fused"] == linears
+    assert d["residual"] == 2 * LAYERS  # o and down
+    if swiglu:  # gate/up: one SwiGLU GEMM; q/k/v: one GEMM over the stacked weights, split after
+        assert d["swiglu"] == LAYERS and d["concatenated"] == LAYERS
+        assert found.count(FUSED_LINEAR) == linears - d["swiglu"] - 2 * d["concatenated"]
+    else:  # q/k/v and gate/up each one GEMM over stacked weights; the SiLU·mul stays in the graph
+        assert d["swiglu"] == 0 and d["concatenated"] == 2 * LAYERS
+        assert found.count(FUSED_LINEAR) == linears - 3 * LAYERS
+        assert found.count(F.silu) == LAYERS
+    assert d["linears_fused"] == linears
     assert d["rms_norm"] == 2 * LAYERS  # the q/k/v and gate/up inputs
     if transformed:  # norm weights folded into W; every site rotated and smoothed, TAC in front of o
         assert (d["kron"], d["smooth"], d["tac"], d["norm_weight"]) == (sites, sites, LAYERS, 0)
@@ -88,7 +96,7 @@ def test_weights_are_packed_and_int8_codes_dropped():
     gm, _, _ = quantized_graph("llada", 4, 4, transformed=False)
     int8_bytes = sum(b.numel() for name, b in gm.named_buffers() if b.dtype == torch.int8)
     old = {name: b.clone() for name, b in gm.named_buffers() if b.dtype == torch.int8}
-    gm, report = fuse_quantized_sites(gm)
+    gm, report = fuse_quantized_sites(gm, swiglu_epilogue=True)
     assert not any(b.dtype == torch.int8 for _, b in gm.named_buffers())
     packed = {name: b for name, b in gm.named_buffers() if b.dtype == torch.uint8}
     assert sum(b.numel() for b in packed.values()) == int8_bytes // 2
