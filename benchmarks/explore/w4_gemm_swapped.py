@@ -1,9 +1,16 @@
 """Probe (GPU): a W4 GEMM computed as Yᵀ = W Xᵀ, so the unpacked 4-bit weight is the wgmma A
-operand straight from registers (no shared-memory round trip), activations as int8 codes.
+operand straight from registers (no shared-memory round trip), activations as int8 codes; the
+nibbles unpacked with shifts (``swar=False``) or four bytes a register (``swar=True``), over a
+set of tile configurations, against the kernel it replaced, float16 cuBLAS and fp8 ``_scaled_mm``.
 
     python benchmarks/explore/w4_gemm_swapped.py --out $OUT/w4-swapped.json
+
+``results/explore-w4-swapped-h200.json`` came from a standalone copy of the kernel, without
+epilogue options, before it became ``triton_fused._w4_linear_kernel``; this script now launches
+that production kernel (plain epilogue) with each configuration.
 """
-import argparse, json, sys
+import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -11,11 +18,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).parent))
-from w4_swapped_kernel import w4_swapped_kernel  # noqa: E402
-
-from stq_compiler import fused_ops, ops  # noqa: E402
-from stq_compiler.codegen import triton_fused  # noqa: E402
+from stq_compiler import fused_ops, ops
+from stq_compiler.codegen import triton_fused
 
 DEV = "cuda"
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096)}
@@ -28,8 +32,12 @@ def run(x, wp, xs, xz, ws, wsum, y, cfg, swar):
     n = wp.shape[0]
     bm, bn, bk, warps, stages = cfg
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    w4_swapped_kernel[grid](x, wp, xs, xz, ws, wsum, y, m, n, k, k // 2, x.stride(0), wp.stride(0), y.stride(0),
-                            SWAR=swar, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_N=8, num_warps=warps, num_stages=stages)
+    triton_fused._w4_linear_kernel_fixed[grid](
+        x, wp, xs.reshape(-1), xz.reshape(-1), ws, wsum, ws, ws, y, m, n, k, k // 2,
+        x.stride(0), wp.stride(0), 0, y.stride(0),
+        HAS_BIAS=False, SWIGLU=False, HAS_RESIDUAL=False, BF16_BITS=False, SWAR=swar,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_N=8, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+    )
     return y
 
 

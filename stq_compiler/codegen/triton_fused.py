@@ -57,6 +57,9 @@ import torch
 import triton
 import triton.language as tl
 
+# the plain int8 GEMM's launch order, config builder and large-block interpreter configuration
+from stq_compiler.codegen.triton_rtn import _INTERPRET_GEMM_CONFIG, _gemm_config, grouped_tile, row_tiles_fitting
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -341,14 +344,7 @@ def _fused_linear_kernel_body(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # N is the output width (half the weight rows with SwiGLU).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_m
-    pid_n = (pid % pids_per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -483,14 +479,8 @@ def _w4_linear_kernel_body(
     unpacked operand makes a round trip through shared memory (the ``_fused_linear_kernel``
     layout, with the weight second, must store it there). Accumulator and epilogue are
     [BLOCK_N, BLOCK_M]; the tile is transposed once for the store."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pids_per_group = GROUP_N * num_pid_m
-    first_pid_n = (pid // pids_per_group) * GROUP_N
-    group_n = min(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + (pid % pids_per_group) % group_n
-    pid_m = (pid % pids_per_group) // group_n
+    # grouped over weight tiles: GROUP_N of them share each activation tile while it is in L2
+    pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -547,9 +537,6 @@ def _even_k(args) -> bool:
 
 _EVEN_K = triton.heuristics({"EVEN_K": _even_k})
 
-# the same large-block interpreter configuration and config builder as the plain int8 GEMM
-from stq_compiler.codegen.triton_rtn import _INTERPRET_GEMM_CONFIG, _gemm_config  # noqa: E402
-
 
 # Hopper: BLOCK_K counts codes (a packed operand moves BLOCK_K // 2 bytes a step). Compiled for
 # sm_90a (python -m stq_compiler.codegen.hopper_codegen): all software-pipelined, BLOCK_M >= 64 on
@@ -579,18 +566,18 @@ def swiglu_fits(config) -> bool:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 32 * 32 * config.num_warps
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Row tiles that fit M; with SwiGLU, tiles small enough for two accumulators."""
-    m = named_args["M"]
-    swiglu = kwargs.get("SWIGLU", named_args.get("SWIGLU", False))
-    if m > 64:
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    else:
-        cap = max(16, triton.next_power_of_2(m))
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-    if swiglu:
-        kept = [c for c in kept if swiglu_fits(c)]
-    return kept
+def _pruner(fits_swiglu):
+    def prune(configs, named_args, **kwargs):
+        """Row tiles that fit M; with SwiGLU, tiles small enough for two accumulators."""
+        kept = row_tiles_fitting(configs, named_args["M"])
+        if kwargs.get("SWIGLU", named_args.get("SWIGLU", False)):
+            kept = [c for c in kept if fits_swiglu(c)]
+        return kept
+
+    return prune
+
+
+_prune_gemm_configs = _pruner(swiglu_fits)
 
 
 # One configuration, chosen by the caller (the interpreter, tests that try every configuration).
@@ -610,11 +597,8 @@ def gemm_configs() -> list[triton.Config]:
     return list(_GPU_GEMM_CONFIGS)
 
 
-def _w4_config(block_m, block_n, block_k, num_warps, num_stages, group_n=8):
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_N": group_n},
-        num_warps=num_warps, num_stages=num_stages,
-    )
+def _w4_config(block_m, block_n, block_k, num_warps, num_stages):
+    return _gemm_config(block_m, block_n, block_k, num_warps, num_stages, group_key="GROUP_N")
 
 
 # W4 (packed weight, int8 activation codes), transposed: BLOCK_N weight rows are the wgmma M
@@ -642,17 +626,7 @@ def w4_swiglu_fits(config) -> bool:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 32 * config.num_warps
 
 
-def _prune_w4_configs(configs, named_args, **kwargs):
-    m = named_args["M"]
-    swiglu = kwargs.get("SWIGLU", named_args.get("SWIGLU", False))
-    if m > 64:
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    else:
-        cap = max(16, triton.next_power_of_2(m))
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-    if swiglu:
-        kept = [c for c in kept if w4_swiglu_fits(c)]
-    return kept
+_prune_w4_configs = _pruner(w4_swiglu_fits)
 
 
 def _w4_even_k(args) -> bool:

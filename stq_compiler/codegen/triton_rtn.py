@@ -172,6 +172,16 @@ def _bfloat16_bits_rne(y):
 
 
 @triton.jit
+def grouped_tile(pid, num_major, num_minor, GROUP: tl.constexpr):
+    """(major, minor) tile of program ``pid`` in grouped launch order: ``GROUP`` consecutive major
+    tiles share each minor tile (a tile of W, for the GEMMs here) while it is in L2."""
+    pids_per_group = GROUP * num_minor
+    first = (pid // pids_per_group) * GROUP
+    group = min(num_major - first, GROUP)
+    return first + (pid % pids_per_group) % group, (pid % pids_per_group) // group
+
+
+@triton.jit
 def _quantized_linear_kernel_body(
     a_ptr, b_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, y_ptr,
     M, N, K,
@@ -179,15 +189,7 @@ def _quantized_linear_kernel_body(
     HAS_BIAS: tl.constexpr, BF16_BITS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row-tiles share each column-tile of W while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_m
-    pid_n = (pid % pids_per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -233,9 +235,9 @@ _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 _INTERPRET_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 
 
-def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, group_m=8):
+def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, group=8, group_key="GROUP_M"):
     return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, group_key: group},
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -256,13 +258,18 @@ _GPU_GEMM_CONFIGS = [
 ]
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Tune only row tiles that fit M: up to the next power of two for few tokens, >= 64 for many."""
-    m = named_args["M"]
+def row_tiles_fitting(configs, m: int):
+    """The configurations whose row (token) tile fits M: up to the next power of two for few
+    tokens, >= 64 for many."""
     if m > 64:
         return [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
     cap = max(16, triton.next_power_of_2(m))
     return [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Tune only row tiles that fit M."""
+    return row_tiles_fitting(configs, named_args["M"])
 
 
 if INTERPRET:

@@ -17,8 +17,8 @@ pytestmark = [
 ]
 
 
-def _config(block_m, block_n, block_k, num_warps, num_stages):
-    for c in triton_fused.gemm_configs():
+def _config(block_m, block_n, block_k, num_warps, num_stages, configs=None):
+    for c in configs if configs is not None else triton_fused.gemm_configs():
         kw = c.kwargs
         if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) == (block_m, block_n, block_k, num_warps, num_stages):
             return c
@@ -38,14 +38,6 @@ def test_gemm_runs_on_wgmma_pipelined_without_spills(a_packed, b_packed, swiglu,
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
-def _w4_config(block_m, block_n, block_k, num_warps, num_stages):
-    for c in triton_fused.w4_gemm_configs():
-        kw = c.kwargs
-        if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) == (block_m, block_n, block_k, num_warps, num_stages):
-            return c
-    raise LookupError("not an autotuning configuration of the W4 kernel")
-
-
 @pytest.mark.parametrize("swiglu,config", [
     (False, (256, 128, 128, 8, 3)),  # the H200's pick for LLaDA-8B's linears
     (False, (128, 128, 128, 4, 4)),
@@ -54,7 +46,7 @@ def _w4_config(block_m, block_n, block_k, num_warps, num_stages):
 ], ids=["256x128", "128x128", "swiglu", "few-tokens"])
 def test_w4_gemm_reads_the_unpacked_weight_from_registers(swiglu, config):
     # the point of the transposed W4 kernel: the unpacked weight feeds wgmma from registers
-    r = hopper_codegen.w4_gemm_variant(_w4_config(*config), swiglu)
+    r = hopper_codegen.w4_gemm_variant(_config(*config, configs=triton_fused.w4_gemm_configs()), swiglu)
     print(r.row())
     assert r.uses_wgmma and "IGMMA" in r.mma
     assert r.register_a
