@@ -102,7 +102,7 @@ def capture_graphs(model: torch.nn.Module, *args) -> list[tuple]:
 
 
 def _options(args, model) -> dict:
-    options = {"quantize_head": args.quantize_head, "token_state": args.token_state, "inductor": False, "fuse": args.fuse}
+    options = {"quantize_head": args.quantize_head, "quantize_embedding": args.quantize_embedding, "token_state": args.token_state, "inductor": False, "fuse": args.fuse}
     if args.recipe is not None:
         options["recipe"] = args.recipe
     mask = args.mask_token_id
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, choices=(4, 8, 16), help="activation bits (default 4)")
     p.add_argument("--mask-token-id", type=int, help="the [MASK] id (default: the model config's)")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
+    p.add_argument("--quantize-embedding", action="store_true", help="also quantize the token embedding (int8 rows)")
     p.add_argument("--fuse", action="store_true", help="also run the fusion pass (fused quantizers and GEMMs, packed weights)")
     p.add_argument("--token-state", choices=("auto", "required", "off"), default="auto")
     p.add_argument("--seq-len", type=_positive, default=16, help="example sequence length (default 16)")

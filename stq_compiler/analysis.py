@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from stq_compiler.capture import EMBEDDING_TARGETS, TensorBinding, bind_tensors, find_token_state_source
+from stq_compiler.capture import TensorBinding, bind_tensors, embedding_operands, find_token_state_source
 
 LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
 MATMUL_TARGETS = {operator.matmul, torch.matmul}
@@ -282,13 +282,19 @@ def _assign_roles(linears: list[Linear], sites: list[Site], vocab_rows: Optional
                 lin.role = "gate_up"
 
 
-def _embedding_rows(gm: fx.GraphModule, bindings) -> Optional[int]:
+def token_embedding(gm: fx.GraphModule, bindings) -> Optional[fx.Node]:
+    """The token embedding lookup: the first embedding of a bound model tensor (its rows are the
+    vocabulary the LM head maps to); None in a graph without one."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in EMBEDDING_TARGETS:
-            weight = node.args[0] if node.target is torch.embedding else node.args[1]
-            if weight in bindings:
-                return bindings[weight].tensor.shape[0]
+        operands = embedding_operands(node)
+        if operands is not None and isinstance(operands[0], fx.Node) and operands[0] in bindings:
+            return node
     return None
+
+
+def _embedding_rows(gm: fx.GraphModule, bindings) -> Optional[int]:
+    node = token_embedding(gm, bindings)
+    return bindings[embedding_operands(node)[0]].tensor.shape[0] if node is not None else None
 
 
 def analyze(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:

@@ -36,7 +36,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mod
             compiled = compile_fx(result.gm, example_inputs, config_patches=patches)
         else:
             compiled = result.gm.forward
-    if not opts.quantize:
+    if not opts.inference_only:
         return compiled
 
     @functools.wraps(compiled)

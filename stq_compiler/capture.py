@@ -24,7 +24,19 @@ import torch.nn.functional as F
 _ACCESSOR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]|\['([^']+)'\]")
 _ROOT = re.compile(r"^L\['[^']+'\]")
 
-EMBEDDING_TARGETS = {F.embedding, torch.embedding}
+# F.embedding(ids, weight, ...); torch.embedding and aten.embedding take (weight, ids, ...)
+EMBEDDING_TARGETS = {F.embedding, torch.embedding, torch.ops.aten.embedding.default}
+
+
+def embedding_operands(node: fx.Node) -> Optional[tuple[object, object]]:
+    """``(weight, ids)`` of an embedding lookup node; None for any other node."""
+    if node.op != "call_function" or node.target not in EMBEDDING_TARGETS:
+        return None
+    if node.target is F.embedding:
+        ids = node.args[0] if node.args else node.kwargs.get("input")
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        return weight, ids
+    return node.args[0], node.args[1]
 
 
 @dataclass(frozen=True)
@@ -111,8 +123,9 @@ def find_token_state_source(gm: fx.GraphModule, example_inputs: list) -> Optiona
     """The integer graph input read by an embedding lookup of a model parameter (``input_ids``)."""
     values = example_inputs_by_node(gm, example_inputs)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in EMBEDDING_TARGETS:
-            ids = node.args[1] if node.target is torch.embedding else node.args[0]  # aten order: (weight, ids)
+        operands = embedding_operands(node)
+        if operands is not None:
+            ids = operands[1]
             value = values.get(ids) if isinstance(ids, fx.Node) else None
             if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
                 return ids

@@ -18,6 +18,12 @@ Integer conventions, shared by the reference and the kernels:
   time; ``w_sum = sum_k q`` is kept for the zero-point correction.
 * The linear: ``acc = xq @ wqᵀ - x_zero * w_sum`` in int32 (exact), then
   ``y = (float(acc) * x_scale) * w_scale + bias`` in float32, cast to the output dtype.
+* Embedding rows (weight-only, 8 bits): each row quantized like an 8-bit weight row
+  (``scale = max|row| / 127``, 1.0 for an all-zero row; ``codes = clamp(floor(row / scale + 0.5),
+  -127, 127)``); a lookup is ``float(codes[ids]) * scale[ids]`` in float32, cast to the output
+  dtype. ``embedding_int8`` is plain torch (a gather and a multiply), not a custom op: Inductor
+  fuses it into the kernel that reads the embedding (the first RMSNorm), where a custom op would be
+  an opaque call with its float32 rows written to memory in between.
 """
 
 from __future__ import annotations
@@ -79,6 +85,34 @@ def quantize_weight(w: torch.Tensor, bits: int) -> QuantizedWeight:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(_round_half_up(w / scale[:, None]), -qmax, qmax).to(torch.int8)
     return QuantizedWeight(q=q, scale=scale, w_sum=q.sum(dim=1, dtype=torch.int32), bits=bits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding rows (weight-only int8; see the module docstring)
+
+# Rows quantized at a time: bounds the float32 temporaries to a slice (a [126464, 4096] LLaDA-8B
+# table at once would take 2 GB of float32 copies on top of the weights).
+EMBEDDING_CHUNK_ROWS = 8192
+
+
+def quantize_embedding_rows(weight: torch.Tensor, chunk_rows: int = EMBEDDING_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise symmetric int8 quantization of an embedding table [V, D]: ``(codes int8 [V, D],
+    scale float32 [V])``, the 8-bit rule of ``quantize_weight`` applied to each row."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_embedding_rows expects a 2-D floating-point table [V, D], got {weight.dtype} {tuple(weight.shape)}")
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], chunk_rows):
+        rows = quantize_weight(weight[start : start + chunk_rows], 8)
+        codes[start : start + chunk_rows] = rows.q
+        scale[start : start + chunk_rows] = rows.scale
+    return codes, scale
+
+
+def embedding_int8(codes: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The rows ``ids`` [...] of an int8 table: ``float(codes[ids]) * scale[ids]`` -> [..., D] in
+    ``out_dtype``. Plain torch ops, so any tensor mode (fake, meta) traces it as it is."""
+    return (codes[ids].float() * scale[ids].unsqueeze(-1)).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

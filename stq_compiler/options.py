@@ -31,6 +31,11 @@ class BackendOptions:
     * ``token_state``: ``"auto"`` inserts the state when a mask id and an ``input_ids`` input are
       there; ``"required"`` refuses a graph without them; ``"off"`` never inserts it.
     * ``quantize_head``: also quantize the LM head (off by default, as in the paper).
+    * ``quantize_embedding``: the token embedding reads int8 rows (one float32 scale a row) instead
+      of the float table; ``passes/quantize_embedding.py``. Weight-only, so it is allowed with
+      ``w_bits=a_bits=16`` too (the graph is then inference-only, like a quantized one), and with a
+      recipe (calibration does not see the embedding). An LM head tied to the embedding keeps
+      reading the float table unless ``quantize_head`` is on too.
     * ``debug_dir``: write, per pass, the readable graph, a diff, graph exports and the pass table
       here (or set ``STQ_DEBUG_DIR``), as ``stq inspect --dump`` does.
     * ``fuse``: replace each site's quantizer and its prologue (RMSNorm, TAC, smoothing, Kronecker)
@@ -48,6 +53,7 @@ class BackendOptions:
     mask_token_id: Optional[int] = None
     token_state: str = "auto"
     quantize_head: bool = False
+    quantize_embedding: bool = False
     debug_dir: Optional[str] = None
     fuse: bool = False
     inductor: bool = True
@@ -56,6 +62,11 @@ class BackendOptions:
     @property
     def quantize(self) -> bool:
         return self.w_bits < 16
+
+    @property
+    def inference_only(self) -> bool:
+        """Quantized constants replace weights: the compiled graph runs without autograd."""
+        return self.quantize or self.quantize_embedding
 
     def cache_key(self) -> str:
         """SHA-256 (hex) of everything in these options that decides the compiled graph.
@@ -121,6 +132,8 @@ class BackendOptions:
                 "starquant: token_state='required' needs the mask token id: pass options['mask_token_id'] "
                 "(LLaDA 126336, Dream 151666)"
             )
+        if not isinstance(self.quantize_embedding, bool):
+            raise ValueError(f"starquant: option quantize_embedding must be True or False, got {self.quantize_embedding!r}")
         if not isinstance(self.fuse, bool):
             raise ValueError(f"starquant: option fuse must be True or False, got {self.fuse!r}")
         if self.fuse and not self.quantize:

@@ -187,6 +187,10 @@ def run_passes(
             from stq_compiler.passes.fuse import fuse_quantized_sites
 
             steps.run(fuse_quantized_sites)
+    if opts.quantize_embedding:
+        from stq_compiler.passes.quantize_embedding import quantize_embedding
+
+        steps.run(quantize_embedding, analysis)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("starquant: passes of this graph:\n%s", format_table([pass_row(r) for r in result.reports]))
     return result

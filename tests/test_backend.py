@@ -75,6 +75,7 @@ def test_w4a4_compiles_and_stays_correlated():
         ({"w_bits": 4, "a_bits": 16}, ValueError, "w_bits=4 with a_bits=16"),
         ({"token_state": "required"}, ValueError, "needs the mask token id"),
         ({"token_state": "sometimes", "mask_token_id": 1}, ValueError, "token_state='sometimes'"),
+        ({"quantize_embedding": "yes"}, ValueError, "quantize_embedding must be True or False"),
     ],
 )
 def test_bad_options_fail_clearly(options, error, match):

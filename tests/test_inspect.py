@@ -121,6 +121,16 @@ def test_inspect_with_a_recipe_runs_tac_and_reports_each_site(tmp_path, capsys):
     assert stdout.count("TAC: model.transformer.blocks.0.attn_out.weight::tac.M [4, 16, 16]") == 1
 
 
+def test_inspect_quantize_embedding_adds_its_pass(tmp_path, capsys):
+    assert main(["inspect", "--quantize-embedding", "--exports", "--out", str(tmp_path)]) == 0
+    rows = _check_table_against_exports(tmp_path)
+    assert [r["pass"] for r in rows] == ["capture", "insert_token_state", "quantize_linears", "quantize_embedding"]
+    last = rows[-1]
+    assert last["nodes_added"] == 3 and last["nodes_removed"] == 1  # two buffer reads and the lookup; the float lookup
+    assert last["folded_bytes"] == last["details"]["bytes_after"] == 256 * 64 + 4 * 256
+    assert last["details"]["float_weight_unread"] is True
+
+
 def test_inspect_kernels_writes_each_kernel_source(tmp_path, capsys):
     from stq_compiler.codegen.triton_rtn import kernel_sources
 

@@ -124,3 +124,56 @@ def test_bad_inputs_name_the_problem():
         torch.ops.stq.quantized_linear(xq, xs, xz, qw.q, qw.scale, qw.w_sum, None, torch.float32)
     with pytest.raises(ValueError, match="2-D weight"):
         quantize_weight(torch.randn(4), 8)
+
+
+def test_embedding_rows_match_float64():
+    from stq_compiler.ops import embedding_int8, quantize_embedding_rows
+
+    w = torch.randn(50, 48) * torch.rand(50, 1) * 3
+    w[7] *= 1000.0  # an outlier row: its scale is its own
+    w[11] = 0.0  # a zero row: scale 1, codes 0
+    codes, scale = quantize_embedding_rows(w)
+    assert codes.dtype == torch.int8 and codes.shape == w.shape and scale.dtype == torch.float32 and scale.shape == (50,)
+    assert scale[11] == 1.0 and not codes[11].any()
+    rows = torch.arange(50) != 11
+    w64 = w.double()
+    # scale = max|row| / 127, divided in float32: one rounding from the float64 quotient
+    torch.testing.assert_close(scale[rows].double(), w64.abs().amax(1)[rows] / 127, rtol=2**-23, atol=0)
+    assert (codes[rows].abs().amax(1) == 127).all() and codes.abs().max() <= 127
+    # codes: round to nearest of w / scale in float64, with the op's scale taken as given
+    ratio = w64 / scale.double()[:, None]
+    codes64 = torch.floor(ratio + 0.5).clamp(-127, 127)
+    near_tie = (ratio - torch.floor(ratio) - 0.5).abs() < 1e-5
+    assert torch.equal(codes.double()[~near_tie], codes64[~near_tie])
+    # rounding to nearest: every element within half a step of the float row
+    error = (codes.double() * scale.double()[:, None] - w64).abs()
+    assert (error <= scale.double()[:, None] / 2 * (1 + 1e-5)).all()
+    # chunking the rows changes nothing
+    chunked = quantize_embedding_rows(w, chunk_rows=7)
+    assert torch.equal(chunked[0], codes) and torch.equal(chunked[1], scale)
+
+    ids = torch.randint(0, 50, (3, 4, 5))
+    ids[0, 0] = 11
+    ids[1, 2, 3] = 7
+    # an int8 code times a float32 scale is exact in float64: the float32 result is that, rounded once
+    reference = codes.double()[ids] * scale.double()[ids][..., None]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = embedding_int8(codes, scale, ids, dtype)
+        assert out.shape == (3, 4, 5, 48) and out.dtype == dtype
+        assert torch.equal(out, reference.float().to(dtype))
+    assert not embedding_int8(codes, scale, ids, torch.float32)[0, 0].any()
+    assert torch.equal(embedding_int8(codes, scale, torch.tensor(7), torch.float32), reference[1, 2, 3].float())
+
+
+def test_embedding_rows_trace_on_fake_tensors_and_refuse_bad_tables():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from stq_compiler.ops import embedding_int8, quantize_embedding_rows
+
+    with FakeTensorMode():
+        out = embedding_int8(torch.empty(100, 32, dtype=torch.int8), torch.empty(100), torch.empty(2, 7, dtype=torch.long), torch.bfloat16)
+        assert out.shape == (2, 7, 32) and out.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="2-D floating-point table"):
+        quantize_embedding_rows(torch.randn(10))
+    with pytest.raises(ValueError, match="2-D floating-point table"):
+        quantize_embedding_rows(torch.ones(4, 4, dtype=torch.long))

@@ -182,6 +182,7 @@ def cache_key_problems(recipe: Recipe, key=BackendOptions.cache_key) -> list[str
     different.update({
         "no recipe": BackendOptions(w_bits=recipe.w_bits, a_bits=recipe.a_bits, mask_token_id=recipe.mask_token_id),
         "quantize_head": BackendOptions.from_dict({"recipe": recipe, "quantize_head": True}),
+        "quantize_embedding": BackendOptions.from_dict({"recipe": recipe, "quantize_embedding": True}),
         "token_state": BackendOptions.from_dict({"recipe": recipe, "token_state": "off"}),
         "inductor": BackendOptions.from_dict({"recipe": recipe, "inductor": False}),
         "inductor_config": BackendOptions.from_dict({"recipe": recipe, "inductor_config": {"max_autotune": True}}),
