@@ -22,8 +22,9 @@ block_length 32, batch 1):
   weights and ``torch._scaled_mm`` (row-wise scales, float16 out where this torch allows it);
 * ``starquant-w8a8``, ``starquant-w4a4``: the ``starquant`` backend with a STaR-Quant recipe
   (SGAT Kronecker transforms and state gates, TAC) and ``fuse`` (``--fuse on|off|both``; off rows
-  end in ``-unfused``); ``starquant-w4a4-qhead``: also ``quantize_head=True``. There is no
-  quantized embedding in the backend: the embedding stays float16 in every row.
+  end in ``-unfused``); ``starquant-w4a4-qhead``: also ``quantize_head=True``;
+  ``starquant-w4a4-qhead-qembed``: also ``quantize_embedding=True`` (int8 embedding rows). The
+  embedding stays float16 in every other row.
 
 Every compiled row runs under each ``--modes`` entry: ``default``, and ``reduce-overhead`` (CUDA
 graphs). ``torch.compile`` refuses ``mode=`` together with ``options=``, so the starquant rows use
@@ -121,6 +122,7 @@ ROWS = {
     "starquant-w8a8": ("starquant", 8, 8),
     "fp8-scaled_mm-peer": ("fp8 e4m3 row-wise, torch._scaled_mm", 8, 8),
     "starquant-w4a4-qhead": ("starquant", 4, 4),
+    "starquant-w4a4-qhead-qembed": ("starquant", 4, 4),
 }
 CUDA_ONLY = ("w8a8-int_mm-peer", "fp8-scaled_mm-peer")
 BASELINE = "fp16-inductor"
@@ -160,7 +162,7 @@ def parse_args(argv=None):
     args.models = args.models or (list(MODELS) if args.tiny else ["llada"])
     args.shapes = [_shape(s, p) for s in (args.shapes or (["1x64"] if args.tiny else ["1x1024"]))]
     args.rows = args.rows or (
-        ["fp16-eager", "fp16-inductor", *CUDA_ONLY, "starquant-w4a4"] if args.tiny and not args.cuda else list(ROWS)
+        ["fp16-eager", "fp16-inductor", *CUDA_ONLY, "starquant-w4a4", "starquant-w4a4-qhead-qembed"] if args.tiny and not args.cuda else list(ROWS)
     )
     args.modes = args.modes or ["default"]
     if args.tiny:
@@ -544,7 +546,7 @@ class Bench:
         }
         recipe = None
         if unit.base.startswith("starquant"):  # before the row's memory counters start
-            recipe, how = self.recipe(w_bits, unit.base.endswith("-qhead"))
+            recipe, how = self.recipe(w_bits, "-qhead" in unit.base)
             record.update(how)
         self.released.restore()
         _reset_compiler()
@@ -581,11 +583,12 @@ class Bench:
         if unit.base == "fp16-eager":
             fn = self.model
         elif recipe is not None:
-            quantize_head = unit.base.endswith("-qhead")
-            backend = StarQuant(mode=compile_mode, recipe=recipe, fuse=unit.fuse, quantize_head=quantize_head)
+            quantize_head, quantize_embedding = "-qhead" in unit.base, unit.base.endswith("-qembed")
+            backend = StarQuant(mode=compile_mode, recipe=recipe, fuse=unit.fuse, quantize_head=quantize_head,
+                                quantize_embedding=quantize_embedding)
             fn = torch.compile(self.model, backend=backend, dynamic=False)
-            notes.append("embedding not quantized: the backend has no quantized embedding" if quantize_head
-                         else "LM head and embedding not quantized")
+            notes.append("LM head and embedding quantized (int8 embedding rows)" if quantize_embedding
+                         else "embedding not quantized" if quantize_head else "LM head and embedding not quantized")
         else:
             fn = torch.compile(self.model, mode=compile_mode, dynamic=False)
         caller = StepCaller(fn, self.model.config, cudagraphs)
@@ -775,7 +778,7 @@ def markdown(env: dict, records: list[dict], skipped: list[dict]) -> str:
         "Per denoising step (one forward) unless the kind is e2e (one generate call). Speedup: over float16 Inductor, "
         "same model, batch, tokens and mode. Peak: max allocated at steady state (weights + activations); weights: "
         "bytes the compiled model holds. The embedding stays in the model's float dtype "
-        f"({', '.join(sorted({r['dtype'] for r in records if r.get('dtype')}))}) in every row: the backend has no quantized embedding.",
+        f"({', '.join(sorted({r['dtype'] for r in records if r.get('dtype')}))}) except in the -qembed rows (int8 rows).",
         "",
         "| model | row | bits | mode | kind | B×L | latency ms | tokens/s | speedup | compile s | peak GB | weights GB | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

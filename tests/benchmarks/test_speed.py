@@ -42,7 +42,8 @@ def test_tiny_run_measures_each_row_of_each_model(speed, tmp_path, monkeypatch):
     records = _records(out)
     rows = {(r["model"], r["row"], r["mode"]): r for r in records}
     assert set(rows) == {(m, row, mode) for m in ("llada", "dream")
-                         for row, mode in (("fp16-eager", "eager"), ("fp16-inductor", "default"), ("starquant-w4a4", "default"))}
+                         for row, mode in (("fp16-eager", "eager"), ("fp16-inductor", "default"), ("starquant-w4a4", "default"),
+                                           ("starquant-w4a4-qhead-qembed", "default"))}
     for model in ("llada", "dream"):
         fp, sq = rows[(model, "fp16-inductor", "default")], rows[(model, "starquant-w4a4", "default")]
         assert fp["speedup_vs_fp16_inductor"] == 1.0 and sq["speedup_vs_fp16_inductor"] > 0
@@ -51,6 +52,9 @@ def test_tiny_run_measures_each_row_of_each_model(speed, tmp_path, monkeypatch):
         # the quantized model holds fewer bytes than the float one, and its float block weights are gone
         assert sq["weight_bytes"] < fp["weight_bytes"] - sq["float_weights_released_bytes"] / 2
         assert Path(sq["recipe_path"]).exists()
+        # head and embedding quantized: fewer bytes held, more float ones given back
+        q = rows[(model, "starquant-w4a4-qhead-qembed", "default")]
+        assert q["weight_bytes"] < sq["weight_bytes"] and q["float_weights_released_bytes"] > sq["float_weights_released_bytes"]
     skipped = json.loads(out.read_text())["skipped"]
     assert {s["row"] for s in skipped} == {"w8a8-int_mm-peer", "fp8-scaled_mm-peer"}
     assert "| starquant-w4a4 |" in out.with_suffix(".md").read_text()
