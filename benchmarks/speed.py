@@ -41,10 +41,10 @@ warm-up calls, as many calls as fit in about ``--seconds`` (5 to 50), median (``
 Memory. The quantized rows are measured as the quantized model alone. The backend folds and
 quantizes the weights at compile time into buffers of each graph module it compiles
 (``passes/quantize_linears.py``, ``passes/fuse.py``); the float weights stay graph inputs that the
-rewritten graph no longer reads, and the model keeps them (so, as shipped, a starquant model
-holds its float weights too; see README "Speed"). After the compile call this benchmark gives
-back the storage (``untyped_storage().resize_(0)``) of every float tensor bound to a placeholder
-that no compiled graph reads (found in the backend's ``results``), checks that the next call gives
+rewritten graph no longer reads, and the model keeps them until ``stq_compiler.release_float_weights``
+gives them back. After the compile call this benchmark gives back the storage
+(``untyped_storage().resize_(0)``) of the tensors that function would release
+(``stq_compiler.release.releasable``), keeping them to refill for the next row; checks that the next call gives
 the same logits without a recompile (``torch.compiler.set_stance("fail_on_recompile")`` while
 timing, so a recompile can never read a released weight), and then measures. The peers replace the
 block linears by modules with their own int8 / fp8 weights and give the float ones back the same
@@ -106,7 +106,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from stq_compiler import StarQuant, calibrate, generate
+from stq_compiler import StarQuant, calibrate, generate, release
 from stq_compiler.models import build, build_dream, dream_7b_config, llada_8b_config, tiny_dream_config, tiny_llada_config
 from stq_compiler.recipe import Recipe, RecipeError, fingerprint_from_model
 
@@ -277,21 +277,6 @@ class ReleasedWeights:
             else:
                 t.fill_(mean)
         self.held = []
-
-
-def unread_graph_inputs(backend: StarQuant) -> list[torch.Tensor]:
-    """The tensors bound to placeholders that no graph the backend compiled reads any more."""
-    read, unread = set(), {}
-    for result in backend.results:
-        for node, binding in result.analysis.bindings.items():
-            if node.op != "placeholder":
-                continue
-            key = (str(binding.tensor.device), binding.tensor.untyped_storage().data_ptr())
-            if node.users:
-                read.add(key)
-            else:
-                unread[key] = binding.tensor
-    return [t for key, t in unread.items() if key not in read]
 
 
 def _storages(t: torch.Tensor):
@@ -611,7 +596,8 @@ class Bench:
             guard = unit.base != "fp16-eager"
             if backend is not None:
                 holders += [r.gm for r in backend.results]
-                released = self.released.release(unread_graph_inputs(backend))
+                # what stq_compiler.release_float_weights would give back (refilled after the row)
+                released = self.released.release([t for _, t in release.releasable(self.model)])
                 try:
                     with _no_recompile(True):
                         again = _logits(caller(x))[..., :64].float()

@@ -2,9 +2,10 @@
 
 from stq_compiler import ops, tac_ops  # noqa: F401  (register the stq:: custom ops)
 from stq_compiler.backend import StarQuant, starquant
+from stq_compiler.release import release_float_weights
 
 __version__ = "0.1.0"
-__all__ = ["Recipe", "StarQuant", "calibrate", "generate", "starquant"]
+__all__ = ["Recipe", "StarQuant", "calibrate", "generate", "release_float_weights", "starquant"]
 
 
 def __getattr__(name):

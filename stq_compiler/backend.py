@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from stq_compiler import release
 from stq_compiler.options import BackendOptions
 from stq_compiler.pipeline import PipelineResult, run_passes
 
@@ -26,6 +27,7 @@ from stq_compiler.pipeline import PipelineResult, run_passes
 def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mode: Optional[str], results: Optional[list]):
     with torch.no_grad():
         result = run_passes(gm, example_inputs, opts)
+        usage = release.graph_usage(result.analysis.bindings, result.gm)
         if results is not None:
             results.append(result)
         if opts.inductor:
@@ -37,6 +39,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mod
         else:
             compiled = result.gm.forward
     if not opts.inference_only:
+        release.record_graph(usage, compiled)
         return compiled
 
     @functools.wraps(compiled)
@@ -44,6 +47,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mod
         with torch.no_grad():
             return compiled(*args)
 
+    release.record_graph(usage, run_without_autograd)  # what release_float_weights may give back
     return run_without_autograd
 
 

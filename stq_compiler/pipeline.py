@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from stq_compiler import logs  # noqa: F401  (applies STQ_LOGS once, on import of stq_compiler)
+from stq_compiler import logs, release  # noqa: F401  (logs: applies STQ_LOGS once, on import of stq_compiler)
 from stq_compiler.analysis import GraphAnalysis, analyze, norm_scale_feeding
 from stq_compiler.inspect import ArtifactWriter, format_table, pass_row
 from stq_compiler.ops import QuantizedWeight
@@ -157,6 +157,7 @@ def run_passes(
         writer = ArtifactWriter(opts.debug_dir)
     start = time.perf_counter()
     analysis = analyze(gm, example_inputs)
+    release.check_not_released(analysis.bindings)
     result = PipelineResult(gm, analysis)
     steps = _Steps(result, writer)
     steps.captured(time.perf_counter() - start)
