@@ -86,3 +86,21 @@ def test_only_live_compiled_graphs_count():
     assert head.untyped_storage().nbytes() == 0
     with torch.no_grad():
         assert torch.equal(_logits(compiled(ids)), before)
+
+
+def test_with_dynamic_shapes_one_compile_serves_every_length_after_release():
+    # dynamic=True: the graphs of the first call serve later sequence lengths too, so releasing
+    # the float weights leaves every length usable (the docs recommend it for varying prompts)
+    model = tiny_model("llada", n_layers=2)
+    torch._dynamo.reset()
+    backend = StarQuant(w_bits=4, a_bits=4, mask_token_id=model.config.mask_token_id, inductor=False)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        compiled(_ids(model, 16))
+        graphs = len(backend.results)
+        expected = {length: _logits(compiled(_ids(model, length, seed=length))).clone() for length in (24, 33)}
+        assert len(backend.results) == graphs
+        assert release_float_weights(model) > 0
+        for length, want in expected.items():
+            assert torch.equal(_logits(compiled(_ids(model, length, seed=length))), want)
+        assert len(backend.results) == graphs
