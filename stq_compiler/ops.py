@@ -74,25 +74,33 @@ class QuantizedWeight:
         return self.q.float() * self.scale[:, None]
 
 
-def quantize_weight(w: torch.Tensor, bits: int) -> QuantizedWeight:
-    """Round-to-nearest, per output channel, symmetric quantization of ``w`` [N, K]."""
+# Rows quantized at a time: bounds the float32 temporaries to a slice (a [126464, 4096] LLaDA-8B
+# LM head or embedding table at once would take 2 GB of float32 copies on top of the weights).
+CHUNK_ROWS = 8192
+
+
+def quantize_weight(w: torch.Tensor, bits: int, chunk_rows: int = CHUNK_ROWS) -> QuantizedWeight:
+    """Round-to-nearest, per output channel, symmetric quantization of ``w`` [N, K], ``chunk_rows``
+    rows at a time (rows are independent: the result does not depend on it)."""
     _check_bits(bits, SUPPORTED_WEIGHT_BITS, "weight")
     if w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    w = w.detach().float()
     qmax = weight_qmax(bits)
-    scale = w.abs().amax(dim=1) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(_round_half_up(w / scale[:, None]), -qmax, qmax).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], chunk_rows):
+        rows = w[start : start + chunk_rows].detach().float()
+        s = rows.abs().amax(dim=1) / qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[start : start + chunk_rows] = torch.clamp(_round_half_up(rows / s[:, None]), -qmax, qmax)
+        scale[start : start + chunk_rows] = s
     return QuantizedWeight(q=q, scale=scale, w_sum=q.sum(dim=1, dtype=torch.int32), bits=bits)
 
 
 # ----------------------------------------------------------------------------------------------
 # Embedding rows (weight-only int8; see the module docstring)
 
-# Rows quantized at a time: bounds the float32 temporaries to a slice (a [126464, 4096] LLaDA-8B
-# table at once would take 2 GB of float32 copies on top of the weights).
-EMBEDDING_CHUNK_ROWS = 8192
+EMBEDDING_CHUNK_ROWS = CHUNK_ROWS
 
 
 def quantize_embedding_rows(weight: torch.Tensor, chunk_rows: int = EMBEDDING_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,13 +108,8 @@ def quantize_embedding_rows(weight: torch.Tensor, chunk_rows: int = EMBEDDING_CH
     scale float32 [V])``, the 8-bit rule of ``quantize_weight`` applied to each row."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_embedding_rows expects a 2-D floating-point table [V, D], got {weight.dtype} {tuple(weight.shape)}")
-    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for start in range(0, weight.shape[0], chunk_rows):
-        rows = quantize_weight(weight[start : start + chunk_rows], 8)
-        codes[start : start + chunk_rows] = rows.q
-        scale[start : start + chunk_rows] = rows.scale
-    return codes, scale
+    rows = quantize_weight(weight, 8, chunk_rows=chunk_rows)
+    return rows.q, rows.scale
 
 
 def embedding_int8(codes: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

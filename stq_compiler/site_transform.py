@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from stq_compiler.calibration.transforms import kron_apply
-from stq_compiler.ops import kron_transform_reference, state_gate
+from stq_compiler.ops import CHUNK_ROWS, kron_transform_reference, state_gate
 
 
 @dataclass
@@ -59,17 +59,26 @@ class SiteTransform:
             raise ValueError(f"{where}: gates must have shape ({features},)")
 
     def fold_weight(self, w_nk: torch.Tensor, norm_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``W'' = W · diag(norm) · diag(s) · (P1 ⊗ P2)`` in float64, returned as float32."""
-        w, dev = w_nk.detach().double(), w_nk.device
-        if self.fold_norm:
-            if norm_weight is None:
-                raise ValueError("fold_norm needs the norm weight feeding the site")
-            w = w * norm_weight.detach().double()
-        if self.smooth is not None:
-            w = w * self.smooth.double().to(dev)
-        if self.p1 is not None:
-            w = kron_apply(w, self.p1.double().to(dev), self.p2.double().to(dev))
-        return w.float()
+        """``W'' = W · diag(norm) · diag(s) · (P1 ⊗ P2)`` in float64, returned as float32; rows
+        are independent, so they are folded ``CHUNK_ROWS`` at a time (an 8B LM head in float64 at
+        once would take 4 GB)."""
+        if self.fold_norm and norm_weight is None:
+            raise ValueError("fold_norm needs the norm weight feeding the site")
+        dev = w_nk.device
+        norm = norm_weight.detach().double() if self.fold_norm else None
+        smooth = self.smooth.double().to(dev) if self.smooth is not None else None
+        p1, p2 = (self.p1.double().to(dev), self.p2.double().to(dev)) if self.p1 is not None else (None, None)
+        out = torch.empty(w_nk.shape, dtype=torch.float32, device=dev)
+        for start in range(0, w_nk.shape[0], CHUNK_ROWS):
+            w = w_nk[start : start + CHUNK_ROWS].detach().double()
+            if norm is not None:
+                w = w * norm
+            if smooth is not None:
+                w = w * smooth
+            if p1 is not None:
+                w = kron_apply(w, p1, p2)
+            out[start : start + CHUNK_ROWS] = w
+        return out
 
     def transform_activation(self, x: torch.Tensor, is_masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x''`` (gated when the transform has gates) for an activation that already had its norm

@@ -96,6 +96,10 @@ def test_quantize_weight_is_symmetric_per_channel():
         assert torch.equal(qw.scale.double(), (w.abs().amax(1) / qmax).double())
         assert ((qw.dequantize() - w).abs() <= qw.scale[:, None] / 2 * (1 + 1e-5)).all()
         assert torch.equal(qw.w_sum, qw.q.int().sum(1, dtype=torch.int32))
+        # a few rows at a time (bounds the float32 temporaries of an 8B head): the same result
+        chunked = quantize_weight(w.half(), bits, chunk_rows=3)
+        whole = quantize_weight(w.half(), bits, chunk_rows=8)
+        assert all(torch.equal(a, b) for a, b in ((chunked.q, whole.q), (chunked.scale, whole.scale), (chunked.w_sum, whole.w_sum)))
 
 
 def test_fake_implementations_give_shapes_and_dtypes():

@@ -95,3 +95,17 @@ def test_gates_are_exact_without_leakage(d1, d2, tokens, seed):
     torch.testing.assert_close(rhs, lhs, rtol=1e-6, atol=1e-6)  # fold_weight returns float32
     # and the graph-side float32 transform agrees
     torch.testing.assert_close(t.transform_activation(x.float(), is_masked).double(), gated, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_weight_in_row_chunks_is_the_same(monkeypatch):
+    # rows fold independently: a few at a time (bounding the float64 temporaries of an 8B head)
+    # gives the same float32 weight bit for bit
+    from stq_compiler import site_transform
+
+    gen = torch.Generator().manual_seed(3)
+    t = SiteTransform(fold_norm=True, smooth=torch.rand(12, generator=gen, dtype=torch.float64) + 0.5,
+                      p1=random_orthogonal(3, gen), p2=random_orthogonal(4, gen))
+    w, norm = torch.randn(10, 12, generator=gen).half(), torch.rand(12, generator=gen) + 0.5
+    whole = t.fold_weight(w, norm)
+    monkeypatch.setattr(site_transform, "CHUNK_ROWS", 3)
+    assert torch.equal(t.fold_weight(w, norm), whole)
