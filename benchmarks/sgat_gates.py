@@ -116,7 +116,7 @@ def main(argv=None) -> None:
               f"no gates: {row['no_gates_start']:.5f} -> {row['no_gates_trained']:.5f}   "
               f"eigen-private start, gates: {row['eigen_private_gates_start']:.5f}, no gates: {row['eigen_private_no_gates_start']:.5f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}  # no machine paths
     args.out.write_text(json.dumps({"model": DEFAULT_MODEL, "torch": torch.__version__, "settings": settings,
                                     "tokens": int(state.numel()), "masked_share": float(state.double().mean()),
                                     "sites": rows}, indent=1) + "\n")

@@ -92,6 +92,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -219,7 +220,7 @@ def starquant_recipe(model: nn.Module, name: str, bits: int, quantize_head: bool
     fingerprint = fingerprint_from_model(model)["sha256"][:12]
     settings = f"e{args.recipe_epochs}-n{args.recipe_samples}-l{args.recipe_seq_len}-s{args.seed}-v{RECIPE_FORMAT}"
     path = args.recipe_dir / f"{name}-{fingerprint}-w{bits}a{bits}{'-qhead' if quantize_head else ''}-{settings}.stq"
-    how = {"recipe_path": str(path), "recipe": f"calibrate(method='starquant', epochs={args.recipe_epochs}) on "
+    how = {"recipe_file": path.name, "recipe": f"calibrate(method='starquant', epochs={args.recipe_epochs}) on "
            f"{args.recipe_samples} random sequences of {args.recipe_seq_len} tokens, TAC fitted"}
     if path.exists():
         try:
@@ -728,7 +729,9 @@ def environment(args, argv) -> dict:
         "device": _device_name(args), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda if args.cuda else None, "python": platform.python_version(), "host": platform.node(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)]),
+        # paths of this machine (--out, --recipe-dir) as bare file names: the record travels
+        "command": " ".join(["python benchmarks/speed.py",
+                             *(Path(a).name if os.path.isabs(a) else a for a in (sys.argv[1:] if argv is None else argv))]),
     }
     try:
         import torchao
@@ -741,7 +744,7 @@ def environment(args, argv) -> dict:
 
 def write(args, env: dict, records: list[dict], skipped: list[dict], builds: dict) -> None:
     records = with_speedups(records)
-    settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items() if k not in ("out",)}
+    settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items() if k not in ("out", "recipe_dir")}
     result = {"environment": env, "settings": settings, "build_s": builds, "records": records, "skipped": skipped}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -51,7 +51,7 @@ def test_tiny_run_measures_each_row_of_each_model(speed, tmp_path, monkeypatch):
         assert sq["compile_s"] > 0 and sq["float_weights_released_bytes"] > 0
         # the quantized model holds fewer bytes than the float one, and its float block weights are gone
         assert sq["weight_bytes"] < fp["weight_bytes"] - sq["float_weights_released_bytes"] / 2
-        assert Path(sq["recipe_path"]).exists()
+        assert (tmp_path / "recipes" / sq["recipe_file"]).exists()
         # head and embedding quantized: fewer bytes held, more float ones given back
         q = rows[(model, "starquant-w4a4-qhead-qembed", "default")]
         assert q["weight_bytes"] < sq["weight_bytes"] and q["float_weights_released_bytes"] > sq["float_weights_released_bytes"]
