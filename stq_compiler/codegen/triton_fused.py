@@ -7,9 +7,8 @@ registers as a ``[BLOCK_M, D1P, D2P]`` tile, feature ``i·d2 + j`` at ``[:, i, j
 kernel. Float work:
 
 * RMSNorm: sum of squares over the tile, ``1 / sqrt_rn(ss / K + eps)``, times the norm weight;
-* TAC: output feature c = Σ_j z[g·⌊c/g⌋ + j] · M[c, j] + d[c], as g gathered loads of the
-  (re-normalised) input: a block affine mixes neighbours that may sit anywhere in the tile's
-  register layout, and the row is in L1 anyway;
+* TAC (the o_proj site) runs first as its own kernel, ``_tac_affine_kernel`` (one [tokens, g] x
+  [g, g] float32 dot per block of g channels, float32 out), and this kernel takes its output;
 * Kronecker: ``X P2`` as one ``tl.dot`` on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)``
   as a dot on the transposed view, with ``KRON_PRECISION = "tf32x3"``: three TF32 tensor-core
   products (hi·hi + hi·lo + lo·hi) accurate to about float32 (plain TF32 would cost ~1e-3
@@ -19,7 +18,7 @@ kernel. Float work:
 * gate, min/max, IEEE divisions and ``floor(v + 0.5)`` as in ``stq::quantize_per_token``.
 
 So the float parts differ from the reference by float32 summation order (the sum of squares,
-the TAC sums) and, on the GPU, tf32x3's dropped lo·lo term: about 1e-6 relative. Factors whose padded tile exceeds
+TAC's dot) and, on the GPU, tf32x3's dropped lo·lo term: about 1e-6 relative. Factors whose padded tile exceeds
 ``MAX_FUSED_KRON_TILE`` (the MLP down sites at 8B scale) are not fused yet: their float stages
 run as PyTorch ops before the kernel. 4-bit codes are packed (``fused_ops`` docstring) by
 splitting the tile's last axis into even/odd pairs, so ``d2`` must be even (or ``d1 = 1``).
@@ -58,6 +57,7 @@ import triton
 import triton.language as tl
 
 # the plain int8 GEMM's launch order, config builder and large-block interpreter configuration
+from stq_compiler import tac_ops
 from stq_compiler.codegen.triton_rtn import _INTERPRET_GEMM_CONFIG, _gemm_config, grouped_tile, row_tiles_fitting
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -87,71 +87,12 @@ def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexp
 
 
 @triton.jit
-def _fused_quantize_kernel(
-    x_ptr, q_ptr, scale_ptr, zero_ptr,
-    norm_w_ptr, tac_m_ptr, tac_d_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
-    is_masked_ptr, gate_m_ptr, gate_u_ptr,
-    M, stride_xm, stride_qm, eps,
-    K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
-    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-    TAC_G: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_KRON: tl.constexpr, HAS_GATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, KRON_PRECISION: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    i = tl.arange(0, D1P)[None, :, None]
-    j = tl.arange(0, D2P)[None, None, :]
-    col = i * D2 + j  # [1, D1P, D2P]
-    col_ok = (i < D1) & (j < D2)
-    ok = row_ok[:, None, None] & col_ok
-    x_row = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm
-    x = tl.load(x_row + col, mask=ok, other=0.0).to(tl.float32)
-
-    rstd = tl.zeros([BLOCK_M, 1, 1], dtype=tl.float32)
-    norm_w = tl.zeros([1, D1P, D2P], dtype=tl.float32)  # unused without a norm weight
-    if HAS_NORM:
-        ss = tl.sum(tl.sum(x * x, axis=2), axis=1)
-        ms = tl.math.div_rn(ss, tl.full([BLOCK_M], K, tl.float32)) + eps
-        rstd = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.math.sqrt_rn(ms))
-        rstd = rstd[:, None, None]
-        if HAS_NORM_WEIGHT:
-            norm_w = tl.load(norm_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
-
-    if TAC_G > 0:
-        # out[c] = sum_j z[G*(c // G) + j] * M[c // G, c % G, j] + d[c]. The wrapper passes M as
-        # [G, K] (M[c // G, c % G, j] at j*K + c), so each step's load is contiguous along c: read
-        # as [K/G, G, G] (stride G along c) it cost about 8x the L2 sectors, and a program re-reads
-        # all of M for its few tokens.
-        block_start = (col // TAC_G) * TAC_G
-        acc = tl.zeros([BLOCK_M, D1P, D2P], dtype=tl.float32)
-        for jj in tl.static_range(TAC_G):
-            src = block_start + jj
-            z = tl.load(x_row + src, mask=ok, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                w_src = norm_w
-                if HAS_NORM_WEIGHT:
-                    w_src = tl.load(norm_w_ptr + src, mask=col_ok, other=0.0).to(tl.float32)
-                z = _normalised(z, rstd, w_src, HAS_NORM, HAS_NORM_WEIGHT)
-            m = tl.load(tac_m_ptr + jj * K + col, mask=col_ok, other=0.0).to(tl.float32)
-            acc += z * m
-        x = acc + tl.load(tac_d_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-
-    if HAS_SMOOTH:
-        x = x * tl.load(inv_smooth_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-
-    if HAS_KRON:
-        # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
-        r2 = tl.arange(0, D2P)
-        p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
-        xp2 = tl.dot(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), input_precision=KRON_PRECISION)
-        xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
-        r1 = tl.arange(0, D1P)
-        p1 = tl.load(p1_ptr + r1[:, None] * D1 + r1[None, :], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
-        y_t = tl.dot(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), input_precision=KRON_PRECISION)
-        x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
-
+def _gate_quantize_store(x, rows, row_ok, i, col, col_ok, ok, q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr,
+                         gate_u_ptr, stride_qm, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr,
+                         D2P: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr,
+                         PACK: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The last stages on a transformed float32 ``[BLOCK_M, D1P, D2P]`` tile: state gate, per-token
+    min/max, scale and zero point, quantize, [pack,] store."""
     if HAS_GATE:
         masked = tl.load(is_masked_ptr + rows, mask=row_ok, other=0) != 0
         g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
@@ -182,11 +123,174 @@ def _fused_quantize_kernel(
         tl.store(q_row + col, q.to(tl.int8), mask=ok)
 
 
+@triton.jit
+def _fused_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
+    is_masked_ptr, gate_m_ptr, gate_u_ptr,
+    M, stride_xm, stride_qm, eps,
+    K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_KRON: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, KRON_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    i = tl.arange(0, D1P)[None, :, None]
+    j = tl.arange(0, D2P)[None, None, :]
+    col = i * D2 + j  # [1, D1P, D2P]
+    col_ok = (i < D1) & (j < D2)
+    ok = row_ok[:, None, None] & col_ok
+    x_row = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm
+    x = tl.load(x_row + col, mask=ok, other=0.0).to(tl.float32)
+
+    rstd = tl.zeros([BLOCK_M, 1, 1], dtype=tl.float32)
+    norm_w = tl.zeros([1, D1P, D2P], dtype=tl.float32)  # unused without a norm weight
+    if HAS_NORM:
+        ss = tl.sum(tl.sum(x * x, axis=2), axis=1)
+        ms = tl.math.div_rn(ss, tl.full([BLOCK_M], K, tl.float32)) + eps
+        rstd = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.math.sqrt_rn(ms))
+        rstd = rstd[:, None, None]
+        if HAS_NORM_WEIGHT:
+            norm_w = tl.load(norm_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
+
+    if HAS_SMOOTH:
+        x = x * tl.load(inv_smooth_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+
+    if HAS_KRON:
+        # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
+        r2 = tl.arange(0, D2P)
+        p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
+        xp2 = tl.dot(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), input_precision=KRON_PRECISION)
+        xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
+        r1 = tl.arange(0, D1P)
+        p1 = tl.load(p1_ptr + r1[:, None] * D1 + r1[None, :], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
+        y_t = tl.dot(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), input_precision=KRON_PRECISION)
+        x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
+
+    _gate_quantize_store(x, rows, row_ok, i, col, col_ok, ok, q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr,
+                         gate_u_ptr, stride_qm, D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, HAS_GATE, BLOCK_M)
+
+
+@triton.jit
+def _kron_right_kernel(x_ptr, inv_smooth_ptr, p2_ptr, y_ptr, R, stride_xm,
+                       D1: tl.constexpr, D2: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       KRON_PRECISION: tl.constexpr):
+    """Large Kronecker factors, first half: ``X P2`` as a tiled GEMM on the [tokens·d1, d2] view
+    (row r = token r // d1, row r % d1 of its matrix), float32 out as [tokens, d1, d2]."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    x_row = x_ptr + (r // D1).to(tl.int64) * stride_xm + (r % D1) * D2
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < D2
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D2, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D2
+        a = tl.load(x_row[:, None] + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_SMOOTH:  # feature i·d2 + k of the token
+            col = (r % D1)[:, None] * D2 + k[None, :]
+            a = a * tl.load(inv_smooth_ptr + col, mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(p2_ptr + k[:, None] * D2 + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision=KRON_PRECISION)
+    tl.store(y_ptr + r.to(tl.int64)[:, None] * D2 + n[None, :], acc, mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _kron_left_quantize_kernel(
+    y_ptr, p1_ptr, q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr, gate_u_ptr, M, stride_qm,
+    D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_K: tl.constexpr, KRON_PRECISION: tl.constexpr,
+):
+    """Second half: one program a token, ``P1ᵀ (X P2)`` accumulated over d1 in BLOCK_K steps (the
+    factors stream through shared memory a slice at a time), then gate, quantize, [pack,] store."""
+    t = tl.program_id(0)
+    rows = t + tl.arange(0, 1)
+    row_ok = rows < M
+    i = tl.arange(0, D1P)
+    j = tl.arange(0, D2P)
+    y_tok = y_ptr + t.to(tl.int64) * (D1 * D2)
+    acc = tl.zeros([D1P, D2P], dtype=tl.float32)
+    for k0 in range(0, D1, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D1
+        p1t = tl.load(p1_ptr + k[None, :] * D1 + i[:, None], mask=(i[:, None] < D1) & k_ok[None, :], other=0.0)  # P1ᵀ[i, k]
+        y = tl.load(y_tok + k[:, None] * D2 + j[None, :], mask=k_ok[:, None] & (j[None, :] < D2), other=0.0)
+        acc = tl.dot(p1t.to(tl.float32), y, acc, input_precision=KRON_PRECISION)
+    i3 = i[None, :, None]
+    col = i3 * D2 + j[None, None, :]
+    col_ok = (i3 < D1) & (j[None, None, :] < D2)
+    _gate_quantize_store(tl.reshape(acc, (1, D1P, D2P)), rows, row_ok, i3, col, col_ok, row_ok[:, None, None] & col_ok,
+                         q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr, gate_u_ptr, stride_qm,
+                         D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, HAS_GATE, 1)
+
+
+@triton.jit
+def _tac_affine_kernel(z_ptr, m_ptr, d_ptr, out_ptr, M, stride_zm, stride_om, G: tl.constexpr, BLOCK_T: tl.constexpr):
+    """TAC on one block of G channels for BLOCK_T tokens: ``out = z M_bᵀ + d_b`` as one
+    [BLOCK_T, G] x [G, G] float32 dot, float32 out. M_b is read once per tile of tokens."""
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < M
+    g = tl.arange(0, G)
+    z = tl.load(z_ptr + t.to(tl.int64)[:, None] * stride_zm + b * G + g[None, :], mask=t_ok[:, None], other=0.0)
+    m_t = tl.load(m_ptr + b * G * G + g[None, :] * G + g[:, None])  # M_bᵀ: [G in, G out]
+    out = tl.dot(z.to(tl.float32), m_t.to(tl.float32), input_precision="ieee")
+    out = out + tl.load(d_ptr + b * G + g).to(tl.float32)[None, :]
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_om + b * G + g[None, :], out, mask=t_ok[:, None])
+
+
+def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor) -> torch.Tensor:
+    """``stq::tac_block_affine`` on a [m, K] activation, in float32 (the fused site's TAC stage).
+
+    Its own kernel: in the activation kernel, whose programs hold a token or two, each program
+    re-read all of M (128 MB of L2 reads a call at 1024 tokens of LLaDA-8B) and the site cost
+    350 µs on the H200 against 38 µs without TAC; as a [tokens, g] x [g, g] dot per block, then
+    the activation kernel on its float32 output, 54 µs (``benchmarks/explore/quantize_loop.py``).
+    """
+    m, k = z.shape
+    g = tac_m.shape[1]
+    out = torch.empty((m, k), dtype=torch.float32, device=z.device)
+    if m == 0:
+        return out
+    # tl.dot wants every dimension >= 16 (g = 16 by default); smaller blocks embed in a 16 x 16
+    # block-diagonal tile, exactly: the added products are with zeros
+    group = max(16, triton.next_power_of_2(g))
+    tac_m = tac_m.float()
+    if group % g or k % group:  # blocks that do not tile 16 (g = 12, say): PyTorch
+        return tac_ops.tac_block_affine_reference(z.float(), tac_m, tac_d.float())
+    if group != g:
+        tiles = tac_m.new_zeros(k // group, group, group)
+        per = group // g
+        for i in range(per):
+            tiles[:, i * g:(i + 1) * g, i * g:(i + 1) * g] = tac_m[i::per]
+        tac_m = tiles
+    block_t = 64 if INTERPRET else 128
+    with _device_of(z):
+        _tac_affine_kernel[(k // group, triton.cdiv(m, block_t))](
+            z, tac_m.contiguous(), tac_d.float().contiguous(), out, m, z.stride(0), out.stride(0), G=group, BLOCK_T=block_t,
+        )
+    return out
+
+
 # The Kronecker stage holds a token's padded [D1P, D2P] matrix and both factors in one program
 # (the dots stage them through shared memory): up to 64 x 128 float32 (LLaDA's and Dream's hidden
 # sizes: 64 x 64). Larger ones (the MLP down sites: 96 x 128, 128 x 148) fall back to PyTorch for
 # the float stages; see the report in the module docstring.
 MAX_FUSED_KRON_TILE = 8192
+# Up to this padded tile (LLaDA-8B's down site 96 x 128 -> 128 x 128, Dream-7B's 128 x 148 -> 128 x
+# 256) the two-kernel path; past it PyTorch.
+MAX_TWO_PASS_KRON_TILE = 32768
+# Their launch configurations, from sm_90a compiles (hopper_codegen): (BLOCK_R, BLOCK_N, BLOCK_K,
+# warps, stages) of the X P2 GEMM; the P1ᵀ kernel's d1 step and warps for a padded token of at
+# most / over 128 x 128 (no spills at 128 x 128; the 128 x 256 accumulator spills ~300 bytes at 8).
+KRON_RIGHT_CONFIG = (128, 64, 32, 4, 3)
+KRON_LEFT_BLOCK_K = 16
+KRON_LEFT_WARPS = (16, 8)
 
 # tl.dot precision of the Kronecker stage (float32 operands).
 KRON_PRECISION = "tf32x3"
@@ -212,6 +316,45 @@ def _quantize_tile(spec, m: int) -> tuple[int, int, int, int, int]:
     return d1, d2, d1p, d2p, block_m
 
 
+def _kron_two_pass_quantize(x, bits, inv_smooth, p1, p2, is_masked, gate_masked, gate_unmasked, packed):
+    """``_kron_right_kernel`` then ``_kron_left_quantize_kernel`` (see there); float32 [tokens, d1, d2]
+    in between."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    if x.dtype not in _LOADABLE_DTYPES:
+        x = x.float()
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    d1, d2 = p1.shape[0], p2.shape[0]
+    d1p, d2p = max(16, triton.next_power_of_2(d1)), max(16, triton.next_power_of_2(d2))
+    width = (k + 1) // 2 if packed else k
+    q = torch.empty((m, width), dtype=torch.uint8 if packed else torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    zero = torch.empty((m,), dtype=torch.int32, device=x.device)
+    if m > 0:
+        dummy = scale
+        state = is_masked.reshape(-1).contiguous().view(torch.uint8) if gate_masked is not None else dummy
+        y = torch.empty((m, d1, d2), dtype=torch.float32, device=x.device)
+        block_r, block_n, block_k, right_warps, right_stages = (32, 32, 16, 4, 1) if INTERPRET else KRON_RIGHT_CONFIG
+        right = {} if INTERPRET else {"num_warps": right_warps, "num_stages": right_stages, "enable_fp_fusion": False}
+        left_warps = KRON_LEFT_WARPS[0] if d1p * d2p <= 16384 else KRON_LEFT_WARPS[1]
+        left = {} if INTERPRET else {"num_warps": left_warps, "num_stages": 2, "enable_fp_fusion": False}
+        with _device_of(x2):
+            _kron_right_kernel[(triton.cdiv(m * d1, block_r), triton.cdiv(d2, block_n))](
+                x2, inv_smooth.contiguous() if inv_smooth is not None else dummy, p2.contiguous(), y, m * d1, x2.stride(0),
+                D1=d1, D2=d2, HAS_SMOOTH=inv_smooth is not None, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k,
+                KRON_PRECISION=KRON_PRECISION, **right,
+            )
+            _kron_left_quantize_kernel[(m,)](
+                y, p1.contiguous(), q, scale, zero, state,
+                gate_masked.contiguous() if gate_masked is not None else dummy,
+                gate_unmasked.contiguous() if gate_unmasked is not None else dummy, m, q.stride(0),
+                D1=d1, D2=d2, D1P=d1p, D2P=d2p, QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1,
+                LEVELS=float((1 << bits) - 1), PACK=packed, HAS_GATE=gate_masked is not None, BLOCK_K=KRON_LEFT_BLOCK_K,
+                KRON_PRECISION=KRON_PRECISION, **left,
+            )
+    return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
+
+
 def _quantize_warps(elements: int) -> int:
     return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
@@ -225,10 +368,24 @@ def fused_quantize_triton(
     spec = ops.fused_quantize_spec(x, bits, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2,
                                    is_masked, gate_masked, gate_unmasked, pack)
     lead, k = x.shape[:-1], x.shape[-1]
+    if spec.tac_group:
+        # TAC runs as its own kernel (see tac_affine_triton), then the rest on its float32 output.
+        # A norm before it (the fusion pass never emits one: TAC sits before o_proj) runs in PyTorch.
+        if spec.rms_norm:
+            x = ops.transform_reference(x, norm_weight, rms_eps)
+        z = tac_affine_triton(x.reshape(-1, k).contiguous(), tac_m, tac_d).view(*lead, k)
+        return fused_quantize_triton(z, bits, inv_smooth=inv_smooth, p1=p1, p2=p2, is_masked=is_masked,
+                                     gate_masked=gate_masked, gate_unmasked=gate_unmasked, pack=pack)
     if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE:
-        # Too large for one program's registers and shared memory: the float stages run as
-        # PyTorch ops, the kernel gates, quantizes and packs.
-        x = ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
+        # Too large for one program to hold a token and both factors: two kernels (X P2 as a
+        # tiled GEMM, then P1ᵀ· with the quantizer), or past MAX_TWO_PASS_KRON_TILE, PyTorch for
+        # the float stages and the kernel for the rest. A norm first (no LLaDA/Dream site has one
+        # before a large Kronecker) runs in PyTorch.
+        if spec.rms_norm:
+            x = ops.transform_reference(x, norm_weight, rms_eps)
+        if _kron_tile(*spec.kron) <= MAX_TWO_PASS_KRON_TILE:
+            return _kron_two_pass_quantize(x, bits, inv_smooth, p1, p2, is_masked, gate_masked, gate_unmasked, spec.packed)
+        x = ops.transform_reference(x, inv_smooth=inv_smooth, p1=p1, p2=p2)
         return fused_quantize_triton(x, bits, is_masked=is_masked, gate_masked=gate_masked, gate_unmasked=gate_unmasked,
                                      pack=pack)
     if x.dtype not in _LOADABLE_DTYPES:
@@ -249,20 +406,18 @@ def fused_quantize_triton(
         if spec.gate:
             state = is_masked.reshape(-1).contiguous().view(torch.uint8)
         d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
-        # TAC's M [K/G, G(out), G(in)] as [G(in), K]: the kernel's loads then run along K
-        tac_m_by_column = tac_m.permute(2, 0, 1).reshape(tac_m.shape[2], -1) if tac_m is not None else None
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         extra = {} if INTERPRET else {"num_warps": _quantize_warps(block_m * d1p * d2p), "enable_fp_fusion": False}
         with _device_of(x2):
             _fused_quantize_kernel[(triton.cdiv(m, block_m),)](
                 x2, q, scale, zero,
-                arg(norm_weight), arg(tac_m_by_column), arg(tac_d), arg(inv_smooth), arg(p1), arg(p2),
+                arg(norm_weight), arg(inv_smooth), arg(p1), arg(p2),
                 state, arg(gate_masked), arg(gate_unmasked),
                 m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
                 K=k, D1=d1, D2=d2, D1P=d1p, D2P=d2p,
                 QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
                 HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight,
-                TAC_G=spec.tac_group, HAS_SMOOTH=spec.smooth, HAS_KRON=spec.kron is not None, HAS_GATE=spec.gate,
+                HAS_SMOOTH=spec.smooth, HAS_KRON=spec.kron is not None, HAS_GATE=spec.gate,
                 BLOCK_M=block_m, KRON_PRECISION=KRON_PRECISION, **extra,
             )
     return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)

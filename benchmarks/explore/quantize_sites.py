@@ -1,0 +1,107 @@
+"""Probe (GPU): the activation kernel at every LLaDA-8B / Dream-7B site, as production runs it and
+with the variants that could replace it.
+
+* ``production``: ``triton_fused.fused_quantize_triton`` as is (TAC as its own kernel first; the
+  down sites' Kronecker in PyTorch float32 when the padded tile exceeds ``MAX_FUSED_KRON_TILE``);
+* the down sites: launch configurations of the two-kernel path (``_kron_right_kernel``,
+  ``_kron_left_quantize_kernel``), and ``torch`` (the Kronecker in PyTorch float32, as before);
+* the 64 x 64 sites: ``two-pass`` (the two-kernel path there too), ``tf32`` (the Kronecker dots in
+  one TF32 pass instead of tf32x3: how many codes move).
+
+(Last run of the one-program path with the down site's whole padded token, 128 x 128: out of
+shared memory, 262144 bytes asked.)
+
+Each is checked against ``fused_ops.fused_quantize_reference`` (the criterion of the CUDA tests) and
+timed with ``do_bench_cudagraph``.
+
+    python benchmarks/explore/quantize_sites.py --out $OUT/quantize-sites.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_loop import agreement, site_inputs  # noqa: E402
+
+from stq_compiler import fused_ops  # noqa: E402
+from stq_compiler.codegen import triton_fused  # noqa: E402
+
+SITES = {  # name: (K, Kronecker factors, stages)
+    "llada qkv": (4096, (64, 64), "norm"),
+    "llada o": (4096, (64, 64), "tac"),
+    "llada down": (12288, (96, 128), ""),
+    "dream qkv": (3584, (56, 64), "norm"),
+    "dream down": (18944, (128, 148), ""),
+}
+
+
+class patched:
+    def __init__(self, **values):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        for name, value in self.values.items():
+            self.saved[name] = getattr(triton_fused, name)
+            setattr(triton_fused, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(triton_fused, name, value)
+
+
+def variants(site):
+    k = SITES[site][0]
+    out = [("production", {})]
+    if k > 4096:  # the down sites: the two-kernel path's launch configurations, and PyTorch
+        for cfg in ((128, 128, 32, 8, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3)):
+            out.append((f"right={cfg}", {"KRON_RIGHT_CONFIG": cfg}))
+        for warps in ((8, 8), (4, 4), (16, 16)):
+            out.append((f"left warps={warps[0] if k == 12288 else warps[1]}", {"KRON_LEFT_WARPS": warps}))
+        out.append(("left block_k=32", {"KRON_LEFT_BLOCK_K": 32}))
+        out.append(("torch", {"MAX_TWO_PASS_KRON_TILE": 0}))
+    else:  # the two-kernel path at 64 x 64 (norm, when there is one, in PyTorch)
+        out.append(("two-pass", {"MAX_FUSED_KRON_TILE": 0}))
+        out.append(("tf32", {"KRON_PRECISION": "tf32"}))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="quantize-sites.json")
+    args = ap.parse_args()
+    rows = []
+    for m in (1024, 4096):
+        for site, (k, kron, stage) in SITES.items():
+            x, common, tac_m, tac_d = site_inputs(m, k, kron, "cuda")
+            kw = dict(common)
+            if stage == "norm":
+                kw["rms_eps"] = 1e-5
+            if stage == "tac":
+                kw.update(tac_m=tac_m, tac_d=tac_d)
+            cpu_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+            want = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu_kw, pack=False)
+            for name, patch in variants(site):
+                def fn():
+                    with patched(**patch):
+                        return triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)
+                try:
+                    ok, numbers = agreement(fn(), want)
+                    us = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+                    print(f"M={m} {site:11s} {name:22s} FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                    continue
+                rows.append({"m": m, "k": k, "site": site, "variant": name, "ok": ok, "us": us, **numbers})
+                print(f"M={m} {site:11s} {name:22s} {'ok ' if ok else 'BAD'} identical={numbers['codes_identical']:.6f} "
+                      f"maxdiff={numbers['max_code_diff']} {us:8.1f} us", flush=True)
+                Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
