@@ -1,15 +1,15 @@
-"""Probe (GPU): the activation kernel at every LLaDA-8B / Dream-7B site, as production runs it and
-with the variants that could replace it.
+"""Probe (GPU): the activation kernel at LLaDA-8B's and Dream-7B's sites, as production runs it and
+with a variant that could replace it.
 
 * ``production``: ``triton_fused.fused_quantize_triton`` as is (TAC as its own kernel first; the
-  down sites' Kronecker in PyTorch float32 when the padded tile exceeds ``MAX_FUSED_KRON_TILE``);
-* the down sites: launch configurations of the two-kernel path (``_kron_right_kernel``,
-  ``_kron_left_quantize_kernel``), and ``torch`` (the Kronecker in PyTorch float32, as before);
-* the 64 x 64 sites: ``two-pass`` (the two-kernel path there too), ``tf32`` (the Kronecker dots in
-  one TF32 pass instead of tf32x3: how many codes move).
+  down sites' Kronecker in PyTorch float32, their padded tile exceeding ``MAX_FUSED_KRON_TILE``);
+* ``tf32``: the Kronecker dots in one TF32 pass instead of tf32x3: how many codes move.
 
-(Last run of the one-program path with the down site's whole padded token, 128 x 128: out of
-shared memory, 262144 bytes asked.)
+``benchmarks/results/explore-quantize-sites-h200.json`` also holds the variants of commit 719340c:
+``two-pass`` (X P2 as a tiled GEMM writing float32, then one program a token for P1ᵀ and the
+quantizer) at the down sites with their launch configurations, and at the 64 x 64 sites; slower
+than what production runs everywhere, so that path was removed. The one-program path with the
+down site's whole padded token (128 x 128) ran out of shared memory (262144 bytes asked).
 
 Each is checked against ``fused_ops.fused_quantize_reference`` (the criterion of the CUDA tests) and
 timed with ``do_bench_cudagraph``.
@@ -57,17 +57,8 @@ class patched:
 
 
 def variants(site):
-    k = SITES[site][0]
     out = [("production", {})]
-    if k > 4096:  # the down sites: the two-kernel path's launch configurations, and PyTorch
-        for cfg in ((128, 128, 32, 8, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3)):
-            out.append((f"right={cfg}", {"KRON_RIGHT_CONFIG": cfg}))
-        for warps in ((8, 8), (4, 4), (16, 16)):
-            out.append((f"left warps={warps[0] if k == 12288 else warps[1]}", {"KRON_LEFT_WARPS": warps}))
-        out.append(("left block_k=32", {"KRON_LEFT_BLOCK_K": 32}))
-        out.append(("torch", {"MAX_TWO_PASS_KRON_TILE": 0}))
-    else:  # the two-kernel path at 64 x 64 (norm, when there is one, in PyTorch)
-        out.append(("two-pass", {"MAX_FUSED_KRON_TILE": 0}))
+    if SITES[site][0] <= 4096:
         out.append(("tf32", {"KRON_PRECISION": "tf32"}))
     return out
 

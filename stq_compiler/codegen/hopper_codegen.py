@@ -202,8 +202,7 @@ def tac_variant(k: int, g: int = 16, m: int = 4096) -> KernelResources:
 
 def site_specs():
     """(name, FusedQuantizeSpec) of every activation site of LLaDA-8B and Dream-7B whose
-    Kronecker transform ``_fused_quantize_kernel`` holds (the MLP down sites: two kernels, see
-    ``kron_two_pass_variants``)."""
+    Kronecker transform the kernel fuses (the MLP down sites fall back, see triton_fused)."""
     from stq_compiler.calibration.transforms import kronecker_factors
     from stq_compiler.fused_ops import FusedQuantizeSpec
 
@@ -212,29 +211,9 @@ def site_specs():
         kron = kronecker_factors(hidden)
         specs.append((f"{model} qkv/gate_up", FusedQuantizeSpec(hidden, 4, rms_norm=True, kron=kron, gate=True)))
         specs.append((f"{model} o (after TAC)", FusedQuantizeSpec(hidden, 4, kron=kron, gate=True)))
+    for k in (12288, 18944):  # the down sites' gate + quantize after the PyTorch fallback
+        specs.append((f"down K={k}", FusedQuantizeSpec(k, 4, gate=True)))
     return specs
-
-
-def kron_two_pass_variants(d1: int, d2: int, m: int = 4096) -> list[KernelResources]:
-    """``_kron_right_kernel`` and ``_kron_left_quantize_kernel`` as ``fused_quantize_triton`` launches
-    them for factors past ``MAX_FUSED_KRON_TILE`` (the MLP down sites), 4-bit codes one a byte."""
-    from stq_compiler.codegen import triton_fused as tf
-
-    block_r, block_n, block_k, warps, stages = tf.KRON_RIGHT_CONFIG
-    args = {"x_ptr": "*bf16", "inv_smooth_ptr": "*fp32", "p2_ptr": "*fp32", "y_ptr": "*fp32", "R": m * d1, "stride_xm": d1 * d2}
-    constexprs = {"D1": d1, "D2": d2, "HAS_SMOOTH": False, "BLOCK_R": block_r, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "KRON_PRECISION": tf.KRON_PRECISION}
-    right = resources(compile_sm90(tf._kron_right_kernel, args, constexprs, warps, stages),
-                      f"kron X·P2 {d1}x{d2} {block_r}x{block_n}x{block_k} w{warps} s{stages}")
-    d1p, d2p = max(16, triton.next_power_of_2(d1)), max(16, triton.next_power_of_2(d2))
-    left_warps = tf.KRON_LEFT_WARPS[0] if d1p * d2p <= 16384 else tf.KRON_LEFT_WARPS[1]
-    args = {"y_ptr": "*fp32", "p1_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32", "zero_ptr": "*i32",
-            "is_masked_ptr": "*u8", "gate_m_ptr": "*fp32", "gate_u_ptr": "*fp32", "M": m, "stride_qm": d1 * d2}
-    constexprs = {"D1": d1, "D2": d2, "D1P": d1p, "D2P": d2p, "QMIN": -8, "QMAX": 7, "LEVELS": 15.0, "PACK": False,
-                  "HAS_GATE": True, "BLOCK_K": tf.KRON_LEFT_BLOCK_K, "KRON_PRECISION": tf.KRON_PRECISION}
-    left = resources(compile_sm90(tf._kron_left_quantize_kernel, args, constexprs, left_warps, 2),
-                     f"kron P1ᵀ·+quantize {d1}x{d2} tile={d1p}x{d2p} w{left_warps}")
-    return [right, left]
 
 
 def all_variants():
@@ -245,9 +224,6 @@ def all_variants():
         yield lambda name=name, spec=spec, x_dtype=x_dtype: quantize_variant(spec, name=name, x_dtype=x_dtype)
     for k in (4096, 3584):
         yield lambda k=k: tac_variant(k)
-    for d1, d2 in ((96, 128), (128, 148)):  # LLaDA-8B's and Dream-7B's down sites
-        for i in range(2):
-            yield lambda d1=d1, d2=d2, i=i: kron_two_pass_variants(d1, d2)[i]
     for a_packed, b_packed in ((True, True), (False, False)):
         for swiglu in (False, True):
             for config in triton_fused.gemm_configs():

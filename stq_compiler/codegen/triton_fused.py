@@ -175,61 +175,6 @@ def _fused_quantize_kernel(
 
 
 @triton.jit
-def _kron_right_kernel(x_ptr, inv_smooth_ptr, p2_ptr, y_ptr, R, stride_xm,
-                       D1: tl.constexpr, D2: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       KRON_PRECISION: tl.constexpr):
-    """Large Kronecker factors, first half: ``X P2`` as a tiled GEMM on the [tokens·d1, d2] view
-    (row r = token r // d1, row r % d1 of its matrix), float32 out as [tokens, d1, d2]."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < R
-    x_row = x_ptr + (r // D1).to(tl.int64) * stride_xm + (r % D1) * D2
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < D2
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D2, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < D2
-        a = tl.load(x_row[:, None] + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:  # feature i·d2 + k of the token
-            col = (r % D1)[:, None] * D2 + k[None, :]
-            a = a * tl.load(inv_smooth_ptr + col, mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.load(p2_ptr + k[:, None] * D2 + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b.to(tl.float32), acc, input_precision=KRON_PRECISION)
-    tl.store(y_ptr + r.to(tl.int64)[:, None] * D2 + n[None, :], acc, mask=r_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _kron_left_quantize_kernel(
-    y_ptr, p1_ptr, q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr, gate_u_ptr, M, stride_qm,
-    D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr, HAS_GATE: tl.constexpr,
-    BLOCK_K: tl.constexpr, KRON_PRECISION: tl.constexpr,
-):
-    """Second half: one program a token, ``P1ᵀ (X P2)`` accumulated over d1 in BLOCK_K steps (the
-    factors stream through shared memory a slice at a time), then gate, quantize, [pack,] store."""
-    t = tl.program_id(0)
-    rows = t + tl.arange(0, 1)
-    row_ok = rows < M
-    i = tl.arange(0, D1P)
-    j = tl.arange(0, D2P)
-    y_tok = y_ptr + t.to(tl.int64) * (D1 * D2)
-    acc = tl.zeros([D1P, D2P], dtype=tl.float32)
-    for k0 in range(0, D1, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < D1
-        p1t = tl.load(p1_ptr + k[None, :] * D1 + i[:, None], mask=(i[:, None] < D1) & k_ok[None, :], other=0.0)  # P1ᵀ[i, k]
-        y = tl.load(y_tok + k[:, None] * D2 + j[None, :], mask=k_ok[:, None] & (j[None, :] < D2), other=0.0)
-        acc = tl.dot(p1t.to(tl.float32), y, acc, input_precision=KRON_PRECISION)
-    i3 = i[None, :, None]
-    col = i3 * D2 + j[None, None, :]
-    col_ok = (i3 < D1) & (j[None, None, :] < D2)
-    _gate_quantize_store(tl.reshape(acc, (1, D1P, D2P)), rows, row_ok, i3, col, col_ok, row_ok[:, None, None] & col_ok,
-                         q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr, gate_u_ptr, stride_qm,
-                         D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, HAS_GATE, 1)
-
-
-@triton.jit
 def _tac_affine_kernel(z_ptr, m_ptr, d_ptr, out_ptr, M, stride_zm, stride_om, G: tl.constexpr, BLOCK_T: tl.constexpr):
     """TAC on one block of G channels for BLOCK_T tokens: ``out = z M_bᵀ + d_b`` as one
     [BLOCK_T, G] x [G, G] float32 dot, float32 out. M_b is read once per tile of tokens."""
@@ -282,15 +227,6 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # sizes: 64 x 64). Larger ones (the MLP down sites: 96 x 128, 128 x 148) fall back to PyTorch for
 # the float stages; see the report in the module docstring.
 MAX_FUSED_KRON_TILE = 8192
-# Up to this padded tile (LLaDA-8B's down site 96 x 128 -> 128 x 128, Dream-7B's 128 x 148 -> 128 x
-# 256) the two-kernel path; past it PyTorch.
-MAX_TWO_PASS_KRON_TILE = 32768
-# Their launch configurations, from sm_90a compiles (hopper_codegen): (BLOCK_R, BLOCK_N, BLOCK_K,
-# warps, stages) of the X P2 GEMM; the P1ᵀ kernel's d1 step and warps for a padded token of at
-# most / over 128 x 128 (no spills at 128 x 128; the 128 x 256 accumulator spills ~300 bytes at 8).
-KRON_RIGHT_CONFIG = (128, 64, 32, 4, 3)
-KRON_LEFT_BLOCK_K = 16
-KRON_LEFT_WARPS = (16, 8)
 
 # tl.dot precision of the Kronecker stage (float32 operands).
 KRON_PRECISION = "tf32x3"
@@ -316,45 +252,6 @@ def _quantize_tile(spec, m: int) -> tuple[int, int, int, int, int]:
     return d1, d2, d1p, d2p, block_m
 
 
-def _kron_two_pass_quantize(x, bits, inv_smooth, p1, p2, is_masked, gate_masked, gate_unmasked, packed):
-    """``_kron_right_kernel`` then ``_kron_left_quantize_kernel`` (see there); float32 [tokens, d1, d2]
-    in between."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    if x.dtype not in _LOADABLE_DTYPES:
-        x = x.float()
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    d1, d2 = p1.shape[0], p2.shape[0]
-    d1p, d2p = max(16, triton.next_power_of_2(d1)), max(16, triton.next_power_of_2(d2))
-    width = (k + 1) // 2 if packed else k
-    q = torch.empty((m, width), dtype=torch.uint8 if packed else torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-    zero = torch.empty((m,), dtype=torch.int32, device=x.device)
-    if m > 0:
-        dummy = scale
-        state = is_masked.reshape(-1).contiguous().view(torch.uint8) if gate_masked is not None else dummy
-        y = torch.empty((m, d1, d2), dtype=torch.float32, device=x.device)
-        block_r, block_n, block_k, right_warps, right_stages = (32, 32, 16, 4, 1) if INTERPRET else KRON_RIGHT_CONFIG
-        right = {} if INTERPRET else {"num_warps": right_warps, "num_stages": right_stages, "enable_fp_fusion": False}
-        left_warps = KRON_LEFT_WARPS[0] if d1p * d2p <= 16384 else KRON_LEFT_WARPS[1]
-        left = {} if INTERPRET else {"num_warps": left_warps, "num_stages": 2, "enable_fp_fusion": False}
-        with _device_of(x2):
-            _kron_right_kernel[(triton.cdiv(m * d1, block_r), triton.cdiv(d2, block_n))](
-                x2, inv_smooth.contiguous() if inv_smooth is not None else dummy, p2.contiguous(), y, m * d1, x2.stride(0),
-                D1=d1, D2=d2, HAS_SMOOTH=inv_smooth is not None, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k,
-                KRON_PRECISION=KRON_PRECISION, **right,
-            )
-            _kron_left_quantize_kernel[(m,)](
-                y, p1.contiguous(), q, scale, zero, state,
-                gate_masked.contiguous() if gate_masked is not None else dummy,
-                gate_unmasked.contiguous() if gate_unmasked is not None else dummy, m, q.stride(0),
-                D1=d1, D2=d2, D1P=d1p, D2P=d2p, QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1,
-                LEVELS=float((1 << bits) - 1), PACK=packed, HAS_GATE=gate_masked is not None, BLOCK_K=KRON_LEFT_BLOCK_K,
-                KRON_PRECISION=KRON_PRECISION, **left,
-            )
-    return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
-
-
 def _quantize_warps(elements: int) -> int:
     return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
@@ -377,15 +274,11 @@ def fused_quantize_triton(
         return fused_quantize_triton(z, bits, inv_smooth=inv_smooth, p1=p1, p2=p2, is_masked=is_masked,
                                      gate_masked=gate_masked, gate_unmasked=gate_unmasked, pack=pack)
     if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE:
-        # Too large for one program to hold a token and both factors: two kernels (X P2 as a
-        # tiled GEMM, then P1ᵀ· with the quantizer), or past MAX_TWO_PASS_KRON_TILE, PyTorch for
-        # the float stages and the kernel for the rest. A norm first (no LLaDA/Dream site has one
-        # before a large Kronecker) runs in PyTorch.
-        if spec.rms_norm:
-            x = ops.transform_reference(x, norm_weight, rms_eps)
-        if _kron_tile(*spec.kron) <= MAX_TWO_PASS_KRON_TILE:
-            return _kron_two_pass_quantize(x, bits, inv_smooth, p1, p2, is_masked, gate_masked, gate_unmasked, spec.packed)
-        x = ops.transform_reference(x, inv_smooth=inv_smooth, p1=p1, p2=p2)
+        # Too large for one program's registers and shared memory: the float stages run as
+        # PyTorch ops, the kernel gates, quantizes and packs. (A two-kernel path, X P2 as a tiled
+        # GEMM then P1ᵀ with the quantizer, was no faster on the H200: 250-330 µs against 256 at
+        # LLaDA-8B's down site, 1024 tokens; benchmarks/results/explore-quantize-sites-h200.json.)
+        x = ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
         return fused_quantize_triton(x, bits, is_masked=is_masked, gate_masked=gate_masked, gate_unmasked=gate_unmasked,
                                      pack=pack)
     if x.dtype not in _LOADABLE_DTYPES:
@@ -911,7 +804,7 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _fused_quantize_kernel, _a_planes, _k_planes, _epilogue_tile,
+    kernels = (_normalised, _gate_quantize_store, _fused_quantize_kernel, _tac_affine_kernel, _a_planes, _k_planes, _epilogue_tile,
                _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes, _w4_weight_tile,
                _w4_linear_kernel_body)
     sources = {}

@@ -234,44 +234,17 @@ else:
         q_bytes, _, _ = fused_quantize_triton(x, 4, **kw, pack=False)
         assert torch.equal(q_bytes, q_ref)
 
-    LARGE_KRON_CASES = [
-        ("two-pass", ("kron", "gate"), (4, True)),  # the MLP down sites
-        ("two-pass", ("kron", "gate"), (4, False)),
-        ("two-pass", ("kron", "gate"), (8, True)),
-        ("two-pass", ("kron",), (4, True)),
-        ("two-pass", ("norm_w", "smooth", "kron", "gate"), (4, True)),
-        ("two-pass", ("tac", "kron", "gate"), (4, False)),
-        ("torch", ("norm", "kron", "gate"), (4, True)),
-    ]
-
-    @pytest.mark.parametrize("path,stages,storage", LARGE_KRON_CASES,
-                             ids=[f"{p}-{'+'.join(s)}-{_storage_id(b)}" for p, s, b in LARGE_KRON_CASES])
-    def test_fused_quantize_large_kron(monkeypatch, path, stages, storage):
-        # Factors above MAX_FUSED_KRON_TILE: X P2 as a GEMM, then P1ᵀ and the quantizer
-        # (_kron_right_kernel, _kron_left_quantize_kernel); above MAX_TWO_PASS_KRON_TILE too, the
-        # float stages in PyTorch, then the kernel. d1 = 20 takes two BLOCK_K = 16 steps, the last
-        # partial; d2 = 24 two 16-wide GEMM steps; 13 tokens x 20 rows: partial row tiles.
+    @pytest.mark.parametrize("stages", [("kron", "gate"), ("norm", "kron", "gate"), ("tac", "kron", "gate")],
+                             ids=lambda s: "+".join(s))
+    def test_fused_quantize_large_kron_falls_back(monkeypatch, stages):
+        # Factors above MAX_FUSED_KRON_TILE: float stages in PyTorch, then the kernel.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
-        if path == "torch":
-            monkeypatch.setattr(triton_fused, "MAX_TWO_PASS_KRON_TILE", 128)
-        bits, pack = storage
-        m, k, kron = 13, 480, (20, 24)
-        gen = _gen("large-kron", path, stages, storage)
+        m, k, kron = 5, 48, (6, 8)
+        gen = _gen("fallback", stages)
         x = _activation(m, k, torch.bfloat16, gen)
         kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
-        got = fused_quantize_triton(x, bits, **kw, pack=pack)
-        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, bits, **kw, pack=pack), k)
-
-    def test_fused_quantize_large_kron_exact_with_exact_transforms(monkeypatch):
-        # signed permutations: every product by ±1 or 0, one nonzero term a sum: bit for bit
-        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
-        m, k = 9, 480
-        gen = _gen("large-kron-exact")
-        x = _activation(m, k, torch.float32, gen)
-        kw = _stage_args(("gate",), m, k, None, gen, torch.float32)
-        kw["p1"], kw["p2"] = _signed_permutation(20, gen), _signed_permutation(24, gen)
         got = fused_quantize_triton(x, 4, **kw)
-        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, 4, **kw), k, exact=True)
+        assert_codes_agree(got, fused_ops.fused_quantize_reference(x, 4, **kw), k)
 
     @pytest.mark.parametrize("k,g", [(64, 16), (48, 8), (32, 4), (36, 12), (40, 8)], ids=lambda v: str(v))
     def test_tac_affine_kernel(k, g):
