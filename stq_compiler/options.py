@@ -40,9 +40,10 @@ class BackendOptions:
       here (or set ``STQ_DEBUG_DIR``), as ``stq inspect --dump`` does.
     * ``fuse``: replace each site's quantizer and its prologue (RMSNorm, TAC, smoothing, Kronecker)
       with ``stq.fused_quantize`` and the linears with ``stq.fused_linear`` on packed weights (q/k/v
-      as one GEMM, gate/up as one SwiGLU GEMM, residual adds in the GEMM); ``passes/fuse.py``.
-      Off by default: checked on the H200, but slower there than the unfused graph until the
-      activation-side kernel is fast (README, Speed).
+      as one GEMM, gate/up likewise, residual adds in the GEMM); ``passes/fuse.py``. Off by
+      default. On the H200 the fused step takes about as long as the unfused one and holds 4-bit
+      weights packed two a byte (the unfused graph holds one a byte): on a GPU, turn it on
+      (README, Speed).
     * ``inductor``: hand the rewritten graph to Inductor (default); ``False`` runs it as FX code.
     * ``inductor_config``: extra Inductor config patches.
     """
