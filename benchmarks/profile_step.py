@@ -73,7 +73,7 @@ def main() -> None:
     variants = {
         "fp16-inductor": lambda: torch.compile(model),
         f"starquant-w{args.bits}a{args.bits}-fused": lambda: torch.compile(model, backend=StarQuant(recipe=recipe, fuse=True)),
-        f"starquant-w{args.bits}a{args.bits}-unfused": lambda: torch.compile(model, backend=StarQuant(recipe=recipe)),
+        f"starquant-w{args.bits}a{args.bits}-unfused": lambda: torch.compile(model, backend=StarQuant(recipe=recipe, fuse=False)),
     }
     with torch.no_grad():
         for name, make in variants.items():

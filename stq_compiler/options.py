@@ -40,10 +40,11 @@ class BackendOptions:
       here (or set ``STQ_DEBUG_DIR``), as ``stq inspect --dump`` does.
     * ``fuse``: replace each site's quantizer and its prologue (RMSNorm, TAC, smoothing, Kronecker)
       with ``stq.fused_quantize`` and the linears with ``stq.fused_linear`` on packed weights (q/k/v
-      as one GEMM, gate/up likewise, residual adds in the GEMM); ``passes/fuse.py``. Off by
-      default. On the H200 the fused step takes about as long as the unfused one and holds 4-bit
-      weights packed two a byte (the unfused graph holds one a byte): on a GPU, turn it on
-      (README, Speed).
+      as one GEMM, gate/up likewise, residual adds in the GEMM); ``passes/fuse.py``. Default
+      (``None``): on when the model's weights are on a CUDA device, off elsewhere. On the H200
+      the fused step takes about as long as the unfused one and holds 4-bit weights packed two a
+      byte, where the unfused graph holds one a byte (README, Speed); on the CPU both run the
+      reference ops and the unfused graph is the one Inductor fuses best.
     * ``inductor``: hand the rewritten graph to Inductor (default); ``False`` runs it as FX code.
     * ``inductor_config``: extra Inductor config patches.
     """
@@ -56,13 +57,20 @@ class BackendOptions:
     quantize_head: bool = False
     quantize_embedding: bool = False
     debug_dir: Optional[str] = None
-    fuse: bool = False
+    fuse: Optional[bool] = None
     inductor: bool = True
     inductor_config: dict = field(default_factory=dict)
 
     @property
     def quantize(self) -> bool:
         return self.w_bits < 16
+
+    def fuse_for(self, tensors) -> bool:
+        """Whether the fusion pass runs on a graph reading ``tensors``: ``fuse``, or with
+        ``None`` whether any of them is on a CUDA device (and there are quantized linears)."""
+        if self.fuse is not None:
+            return self.fuse
+        return self.quantize and any(getattr(t, "is_cuda", False) for t in tensors)
 
     @property
     def inference_only(self) -> bool:
@@ -135,8 +143,8 @@ class BackendOptions:
             )
         if not isinstance(self.quantize_embedding, bool):
             raise ValueError(f"starquant: option quantize_embedding must be True or False, got {self.quantize_embedding!r}")
-        if not isinstance(self.fuse, bool):
-            raise ValueError(f"starquant: option fuse must be True or False, got {self.fuse!r}")
+        if self.fuse is not None and not isinstance(self.fuse, bool):
+            raise ValueError(f"starquant: option fuse must be True, False or None (on for CUDA weights), got {self.fuse!r}")
         if self.fuse and not self.quantize:
             raise ValueError("starquant: fuse=True fuses quantized linears; with w_bits=a_bits=16 there are none")
         if not isinstance(self.inductor_config, dict):

@@ -184,7 +184,7 @@ def run_passes(
         steps.run(
             quantize_linears, analysis, opts.w_bits, opts.a_bits, state, opts.quantize_head, plan.transforms, plan.weights
         )
-        if opts.fuse:
+        if opts.fuse_for(b.tensor for b in analysis.bindings.values()):
             from stq_compiler.passes.fuse import fuse_quantized_sites
 
             steps.run(fuse_quantized_sites)

@@ -28,7 +28,7 @@ def test_w8a8_on_cuda_runs_the_triton_kernels(arch, mode, monkeypatch):
 
     monkeypatch.setattr(triton_rtn, "quantize_per_token_triton", count("quantize", quantize))
     monkeypatch.setattr(triton_rtn, "quantized_linear_triton", count("linear", linear))
-    backend = StarQuant(mode=mode, w_bits=8, a_bits=8, mask_token_id=model.config.mask_token_id)
+    backend = StarQuant(mode=mode, w_bits=8, a_bits=8, mask_token_id=model.config.mask_token_id, fuse=False)  # the unfused kernels
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         ref = logits_of(model(ids)).float()

@@ -229,7 +229,32 @@ def test_backend_fuse_option_under_inductor(bundled_case):
 def test_fuse_option_is_validated():
     from stq_compiler.options import BackendOptions
 
-    with pytest.raises(ValueError, match="fuse must be True or False"):
+    with pytest.raises(ValueError, match="fuse must be True, False or None"):
         BackendOptions.from_dict({"fuse": "yes"})
     with pytest.raises(ValueError, match="fuse=True fuses quantized linears"):
         BackendOptions.from_dict({"fuse": True, "w_bits": 16, "a_bits": 16})
+
+
+class _OnCuda:
+    is_cuda = True
+
+
+def test_fuse_default_follows_the_weights_device():
+    # None (the default): on for a graph reading CUDA tensors, off for CPU ones and without
+    # quantized linears; an explicit True or False wins.
+    from stq_compiler.options import BackendOptions
+
+    default = BackendOptions.from_dict({})
+    assert default.fuse is None
+    assert default.fuse_for([torch.zeros(2), _OnCuda()])
+    assert not default.fuse_for([torch.zeros(2)])
+    assert not BackendOptions.from_dict({"w_bits": 16, "a_bits": 16}).fuse_for([_OnCuda()])
+    assert not BackendOptions.from_dict({"fuse": False}).fuse_for([_OnCuda()])
+    assert BackendOptions.from_dict({"fuse": True}).fuse_for([torch.zeros(2)])
+
+
+def test_default_on_the_cpu_is_unfused(bundled_case):
+    model, recipe, ids = bundled_case
+    _, backend = _compiled_logits(model, ids, recipe=recipe, inductor=False)
+    ops = targets(backend.results[0].gm)
+    assert LINEAR in ops and FUSED_LINEAR not in ops
