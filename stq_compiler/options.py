@@ -43,8 +43,8 @@ class BackendOptions:
       as one GEMM, gate/up likewise, residual adds in the GEMM); ``passes/fuse.py``. Default
       (``None``): on when the model's weights are on a CUDA device, off elsewhere. On the H200
       the fused step takes about as long as the unfused one and holds 4-bit weights packed two a
-      byte, where the unfused graph holds one a byte (README, Speed); on the CPU both run the
-      reference ops and the unfused graph is the one Inductor fuses best.
+      byte, where the unfused graph holds one a byte (README, Speed). On the CPU both run the
+      reference ops; the fused graph has not been timed there.
     * ``inductor``: hand the rewritten graph to Inductor (default); ``False`` runs it as FX code.
     * ``inductor_config``: extra Inductor config patches.
     """

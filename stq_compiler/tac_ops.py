@@ -4,8 +4,9 @@
 and cast back to ``z``'s dtype. With ``M = I`` and ``d = 0`` it returns ``z`` exactly: each output
 is ``z_i·1`` plus products with 0, all exact.
 
-The reference is a batched matmul over the blocks; on CUDA it runs as is (a fused Triton kernel
-is future work: the map costs g MACs per element, ~0.4 % of W_o's).
+The reference is a batched matmul over the blocks; this op (the unfused graph) runs it as is on
+CUDA too. The fused graph's ``stq::fused_quantize`` runs TAC as a Triton kernel on CUDA
+(``codegen/triton_fused.tac_affine_triton``).
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
     Its own kernel: in the activation kernel, whose programs hold a token or two, each program
     re-read all of M (128 MB of L2 reads a call at 1024 tokens of LLaDA-8B) and the site cost
     350 µs on the H200 against 38 µs without TAC; as a [tokens, g] x [g, g] dot per block, then
-    the activation kernel on its float32 output, 54 µs (``benchmarks/explore/quantize_loop.py``).
+    the activation kernel on its float32 output, 64 µs (``benchmarks/explore/quantize_sites.py``).
     """
     m, k = z.shape
     g = tac_m.shape[1]
