@@ -70,7 +70,7 @@ trajectories, TAC on ``--recipe-samples`` samples: P1/P2 are the random Hadamard
 trains from (0 epochs: not trained), the gates are placed by the observed state energies (d/32
 private columns per state) and TAC is fitted, block by block, as in a real calibration (about a
 minute at 8B). The ``-qhead`` row gets its own recipe, calibrated with ``quantize_head=True``.
-Recipes are cached in ``--recipe-dir`` (default ``/tmp/stq-speed-recipes``), named by model,
+Recipes are cached in ``--recipe-dir`` (default ``stq-speed-recipes`` in the temporary directory), named by model,
 fingerprint, bits and settings; a second run reuses them.
 
 The GEMM and fused-kernel micro-benchmark is ``benchmarks/fused_kernels.py``, not this file.
@@ -97,6 +97,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=1.5, help="timed calls per row: about this long (5 to 50 calls)")
-    p.add_argument("--recipe-dir", type=Path, default=Path("/tmp/stq-speed-recipes"))
+    p.add_argument("--recipe-dir", type=Path, default=Path(tempfile.gettempdir()) / "stq-speed-recipes")
     p.add_argument("--recipe-epochs", type=int, default=0)
     p.add_argument("--recipe-samples", type=int, default=2)
     p.add_argument("--recipe-seq-len", type=int, default=64)
