@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_loop import agreement  # noqa: E402
+from quantize_loop import check_and_time  # noqa: E402
 
 from stq_compiler import fused_ops  # noqa: E402
 from stq_compiler.codegen import triton_fused  # noqa: E402
@@ -227,8 +227,7 @@ def main():
                     continue
                 seen.add(name)
                 try:
-                    ok, numbers = agreement(fn(), want)
-                    us = None if (INTERPRET or args.check_only) else triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                    ok, numbers, us = check_and_time(fn, want, timed=not (INTERPRET or args.check_only))
                 except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
                     print(f"M={m} {kron} {name:40s} FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue

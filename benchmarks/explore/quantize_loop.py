@@ -149,6 +149,13 @@ def agreement(got, want):
     return ok, {"codes_identical": same, "max_code_diff": diff.max().item(), "scale_rel": scale_rel}
 
 
+def check_and_time(fn, want, timed: bool):
+    """(ok, agreement numbers, device µs under CUDA graphs or None): ``fn()`` against ``want``."""
+    ok, numbers = agreement(fn(), want)
+    us = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3 if timed else None
+    return ok, numbers, us
+
+
 def site_inputs(m, k, kron, device, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(m, k, device=device, generator=gen)
@@ -204,10 +211,7 @@ def main():
             cpu_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
             want = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu_kw, pack=False)
             try:
-                ok, numbers = agreement(fn(), want)
-                us = None
-                if not (INTERPRET or args.check_only):
-                    us = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                ok, numbers, us = check_and_time(fn, want, timed=not (INTERPRET or args.check_only))
             except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
                 print(f"M={m} {site:4s} {name:36s} FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                 continue

@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_loop import agreement, site_inputs  # noqa: E402
+from quantize_loop import check_and_time, site_inputs  # noqa: E402
 
 from stq_compiler import fused_ops  # noqa: E402
 from stq_compiler.codegen import triton_fused  # noqa: E402
@@ -83,8 +82,7 @@ def main():
                     with patched(**patch):
                         return triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)
                 try:
-                    ok, numbers = agreement(fn(), want)
-                    us = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                    ok, numbers, us = check_and_time(fn, want, timed=True)
                 except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
                     print(f"M={m} {site:11s} {name:22s} FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue
