@@ -87,43 +87,6 @@ def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexp
 
 
 @triton.jit
-def _gate_quantize_store(x, rows, row_ok, i, col, col_ok, ok, q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr,
-                         gate_u_ptr, stride_qm, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr,
-                         D2P: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr,
-                         PACK: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The last stages on a transformed float32 ``[BLOCK_M, D1P, D2P]`` tile: state gate, per-token
-    min/max, scale and zero point, quantize, [pack,] store."""
-    if HAS_GATE:
-        masked = tl.load(is_masked_ptr + rows, mask=row_ok, other=0) != 0
-        g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-        g_u = tl.load(gate_u_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-        x = x * tl.where(masked[:, None, None], g_m, g_u)
-    x = tl.where(ok, x, 0.0)  # padding is 0 after every stage; make sure, so it cannot move lo/hi
-
-    lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
-    hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
-    scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
-    scale = tl.where(scale > 0, scale, 1.0)
-    zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
-    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
-
-    scale_tile = tl.broadcast_to(scale[:, None, None], (BLOCK_M, D1P, D2P))
-    q = tl.floor(tl.math.div_rn(x, scale_tile) + 0.5) + zero[:, None, None]
-    q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
-    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
-    if PACK:
-        q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
-        even, odd = tl.split(tl.reshape(q, (BLOCK_M, D1P, D2P // 2, 2)))
-        byte = (even & 0xF) | ((odd & 0xF) << 4)
-        jb = tl.arange(0, D2P // 2)[None, None, :]
-        byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
-        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
-    else:
-        tl.store(q_row + col, q.to(tl.int8), mask=ok)
-
-
-@triton.jit
 def _fused_quantize_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr,
     norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
@@ -170,8 +133,34 @@ def _fused_quantize_kernel(
         y_t = tl.dot(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), input_precision=KRON_PRECISION)
         x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
 
-    _gate_quantize_store(x, rows, row_ok, i, col, col_ok, ok, q_ptr, scale_ptr, zero_ptr, is_masked_ptr, gate_m_ptr,
-                         gate_u_ptr, stride_qm, D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, HAS_GATE, BLOCK_M)
+    if HAS_GATE:
+        masked = tl.load(is_masked_ptr + rows, mask=row_ok, other=0) != 0
+        g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        g_u = tl.load(gate_u_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        x = x * tl.where(masked[:, None, None], g_m, g_u)
+    x = tl.where(ok, x, 0.0)  # padding is 0 after every stage; make sure, so it cannot move lo/hi
+
+    lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
+    hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
+    scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
+    scale = tl.where(scale > 0, scale, 1.0)
+    zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
+
+    scale_tile = tl.broadcast_to(scale[:, None, None], (BLOCK_M, D1P, D2P))
+    q = tl.floor(tl.math.div_rn(x, scale_tile) + 0.5) + zero[:, None, None]
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
+    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
+    if PACK:
+        q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
+        even, odd = tl.split(tl.reshape(q, (BLOCK_M, D1P, D2P // 2, 2)))
+        byte = (even & 0xF) | ((odd & 0xF) << 4)
+        jb = tl.arange(0, D2P // 2)[None, None, :]
+        byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
+        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
+    else:
+        tl.store(q_row + col, q.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -804,7 +793,7 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _gate_quantize_store, _fused_quantize_kernel, _tac_affine_kernel, _a_planes, _k_planes, _epilogue_tile,
+    kernels = (_normalised, _fused_quantize_kernel, _tac_affine_kernel, _a_planes, _k_planes, _epilogue_tile,
                _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes, _w4_weight_tile,
                _w4_linear_kernel_body)
     sources = {}
