@@ -262,7 +262,7 @@ def main(argv=None) -> None:
         torch._dynamo.reset()
         # unfused, as the committed results were measured (on a GPU the default would fuse, which
         # keeps the quantization and changes only float roundings between the fused stages)
-        compiled = torch.compile(model, backend=StarQuant(recipe=recipe, inductor=args.inductor, fuse=False), dynamic=False)
+        compiled = torch.compile(model, backend=StarQuant(recipe=recipe, inductor=args.inductor, fuse=False, mode="default" if args.inductor else None), dynamic=False)
         metrics, _ = measure(compiled, data, args, mask_id, reference)
         records += to_records(name, setting, metrics, {**generation, "calibration_s": round(calibration_s, 1)})
         write(args.out, header, records)

@@ -72,8 +72,8 @@ def main() -> None:
               "tokens": args.tokens, "bits": args.bits, "variants": {}}
     variants = {
         "fp16-inductor": lambda: torch.compile(model),
-        f"starquant-w{args.bits}a{args.bits}-fused": lambda: torch.compile(model, backend=StarQuant(recipe=recipe, fuse=True)),
-        f"starquant-w{args.bits}a{args.bits}-unfused": lambda: torch.compile(model, backend=StarQuant(recipe=recipe, fuse=False)),
+        f"starquant-w{args.bits}a{args.bits}-fused": lambda: torch.compile(model, backend=StarQuant(mode="default", recipe=recipe, fuse=True)),
+        f"starquant-w{args.bits}a{args.bits}-unfused": lambda: torch.compile(model, backend=StarQuant(mode="default", recipe=recipe, fuse=False)),
     }
     with torch.no_grad():
         for name, make in variants.items():

@@ -27,10 +27,10 @@ block_length 32, batch 1):
   embedding stays float16 in every other row.
 
 Every compiled row runs under each ``--modes`` entry: ``default``, and ``reduce-overhead`` (CUDA
-graphs). ``torch.compile`` refuses ``mode=`` together with ``options=``, so the starquant rows use
-the backend object, ``torch.compile(model, backend=StarQuant(mode=..., **options))`` (the same
-backend as ``backend="starquant"``; its ``mode`` becomes Inductor's config patches, e.g.
-``triton.cudagraphs=True``). ``cudagraph_skips`` records whether Inductor declined CUDA graphs.
+graphs). The starquant rows pass the mode to the backend, ``torch.compile(model,
+backend=StarQuant(mode=..., **options))`` (the same backend as ``backend="starquant"`` with
+``options={"mode": ...}``; it becomes Inductor's config patches, e.g. ``triton.cudagraphs=True``),
+``"default"`` included: left out, the backend picks CUDA graphs for a model on a GPU. ``cudagraph_skips`` records whether Inductor declined CUDA graphs.
 Compiles use ``dynamic=False``: each shape is its own compile (``compile_s``: the first call).
 
 Timing: per call CUDA events (``time.perf_counter`` on the CPU), after the compile call and three
@@ -571,7 +571,7 @@ class Bench:
             fn = self.model
         elif recipe is not None:
             quantize_head, quantize_embedding = "-qhead" in unit.base, unit.base.endswith("-qembed")
-            backend = StarQuant(mode=compile_mode, recipe=recipe, fuse=unit.fuse, quantize_head=quantize_head,
+            backend = StarQuant(mode=unit.mode, recipe=recipe, fuse=unit.fuse, quantize_head=quantize_head,
                                 quantize_embedding=quantize_embedding)
             fn = torch.compile(self.model, backend=backend, dynamic=False)
             notes.append("LM head and embedding quantized (int8 embedding rows)" if quantize_embedding

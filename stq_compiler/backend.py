@@ -24,7 +24,7 @@ from stq_compiler.options import BackendOptions
 from stq_compiler.pipeline import PipelineResult, run_passes
 
 
-def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mode: Optional[str], results: Optional[list]):
+def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, results: Optional[list]):
     with torch.no_grad():
         result = run_passes(gm, example_inputs, opts)
         usage = release.graph_usage(result.analysis.bindings, result.gm)
@@ -34,7 +34,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mod
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_config}
+            mode = opts.mode_for([b.tensor for b in result.analysis.bindings.values()] + list(example_inputs))
+            patches = {**list_mode_options(mode), **opts.inductor_config}
             compiled = compile_fx(result.gm, example_inputs, config_patches=patches)
         else:
             compiled = result.gm.forward
@@ -51,18 +52,32 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, mod
     return run_without_autograd
 
 
+def _with_mode(options: Optional[dict], mode: Optional[str]) -> dict:
+    """``options`` plus the compile mode given beside them (``torch.compile(mode=...)``,
+    ``StarQuant(mode=...)``); the two must not disagree."""
+    options = dict(options or {})
+    if mode is not None:
+        if options.get("mode") not in (None, mode):
+            raise ValueError(f"starquant: mode={mode!r} contradicts option mode={options['mode']!r}")
+        options["mode"] = mode
+    return options
+
+
 def starquant(gm: fx.GraphModule, example_inputs: list, mode: Optional[str] = None, options: Optional[dict] = None):
     """Dynamo backend: rewrite ``gm`` with the STaR-Quant passes, then compile it with Inductor."""
-    return _compile(gm, example_inputs, BackendOptions.from_dict(options), mode, None)
+    return _compile(gm, example_inputs, BackendOptions.from_dict(_with_mode(options, mode)), None)
 
 
 class StarQuant:
     """The starquant backend as an object; ``results`` holds one ``PipelineResult`` per graph."""
 
     def __init__(self, mode: Optional[str] = None, **options):
-        self.options = BackendOptions.from_dict(options)
-        self.mode = mode
+        self.options = BackendOptions.from_dict(_with_mode(options, mode))
         self.results: list[PipelineResult] = []
 
+    @property
+    def mode(self) -> Optional[str]:
+        return self.options.mode
+
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
-        return _compile(gm, example_inputs, self.options, self.mode, self.results)
+        return _compile(gm, example_inputs, self.options, self.results)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from stq_compiler.backend import StarQuant
+from stq_compiler.options import BackendOptions
 from tests.conftest import ARCHS, EmbedsOnly, logits_of, sqnr_db, tiny_model
 
 
@@ -76,6 +77,8 @@ def test_w4a4_compiles_and_stays_correlated():
         ({"token_state": "required"}, ValueError, "needs the mask token id"),
         ({"token_state": "sometimes", "mask_token_id": 1}, ValueError, "token_state='sometimes'"),
         ({"quantize_embedding": "yes"}, ValueError, "quantize_embedding must be True or False"),
+        ({"mode": "fast"}, ValueError, "mode='fast'; choose one of"),
+        ({"mode": "reduce-overhead", "inductor": False}, ValueError, "is an Inductor mode"),
     ],
 )
 def test_bad_options_fail_clearly(options, error, match):
@@ -127,3 +130,51 @@ def test_debug_dir_gets_the_graph_after_each_pass(tmp_path):
     files = sorted(p.name for p in (tmp_path / "graph_0").iterdir())
     assert files == ["00_captured.py", "01_insert_token_state.py", "02_quantize_linears.py"]
     assert "stq.quantized_linear" in (tmp_path / "graph_0" / "02_quantize_linears.py").read_text()
+
+
+class _OnCuda:
+    is_cuda = True
+
+
+def test_compile_mode_defaults_to_cuda_graphs_for_quantized_cuda_graphs():
+    default = BackendOptions.from_dict({})
+    assert default.mode is None
+    assert default.mode_for([torch.zeros(2), _OnCuda()]) == "reduce-overhead"
+    assert default.mode_for([torch.zeros(2)]) == "default"
+    assert BackendOptions.from_dict({"w_bits": 16, "a_bits": 16}).mode_for([_OnCuda()]) == "default"
+    assert BackendOptions.from_dict({"mode": "default"}).mode_for([_OnCuda()]) == "default"
+    assert BackendOptions.from_dict({"mode": "max-autotune"}).mode_for([torch.zeros(2)]) == "max-autotune"
+
+
+@pytest.mark.parametrize(
+    "compile_kwargs,cudagraphs",
+    [
+        ({"backend": "starquant", "options": {"w_bits": 8, "a_bits": 8}}, False),  # CPU weights: no CUDA graphs
+        ({"backend": "starquant", "mode": "reduce-overhead"}, True),  # torch.compile's own mode= reaches Inductor
+        ({"backend": "starquant", "options": {"w_bits": 8, "a_bits": 8, "mode": "reduce-overhead"}}, True),
+        ({"backend": StarQuant(mode="reduce-overhead", w_bits=8, a_bits=8)}, True),
+    ],
+)
+def test_the_compile_mode_reaches_inductor(compile_kwargs, cudagraphs, monkeypatch):
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
+    model = tiny_model("llada", n_layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.compile(model, **compile_kwargs)(ids)
+    assert seen and all(patches.get("triton.cudagraphs", False) == cudagraphs for patches in seen)
+
+
+def test_a_mode_beside_a_different_mode_option_is_refused():
+    from stq_compiler.backend import _with_mode
+
+    assert _with_mode({"mode": "default"}, "default") == {"mode": "default"}
+    with pytest.raises(ValueError, match="contradicts option mode"):
+        _with_mode({"mode": "default"}, "reduce-overhead")
