@@ -60,6 +60,8 @@ class CalibrationConfig:
     mask_token_id: Optional[int] = None
     gptq: bool = False
     sgat: bool = True  # starquant: state gates on (False: one shared learned transform)
+    sgat_select: bool = False  # starquant: per site, the state gates only where they lower the trained loss on the calibration tokens
+    sgat_retrain: bool = False  # starquant, with sgat_select: a site that drops its gates trains a P for none
     tac: bool = True  # starquant: temporal attention compensation
     tac_select: bool = False  # starquant: per TAC block, the fitted map only where it lowers the calibration error, else identity
     kron: bool = True  # starquant: P = P1 ⊗ P2 (False: dense P)
@@ -81,7 +83,7 @@ class CalibrationConfig:
     def recipe_options(self) -> dict:
         options = {"gptq": self.gptq, "fold_norm": self.method != "rtn"}
         if self.method == "starquant":
-            options.update(sgat=self.sgat, tac=self.tac, tac_select=self.tac_select, kron=self.kron, init=self.init, epochs=self.epochs, lr=self.lr)
+            options.update(sgat=self.sgat, sgat_select=self.sgat_select, sgat_retrain=self.sgat_retrain, tac=self.tac, tac_select=self.tac_select, kron=self.kron, init=self.init, epochs=self.epochs, lr=self.lr)
         if self.method == "smoothquant":
             options["alpha"] = self.alpha
         return options
@@ -371,6 +373,7 @@ def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg
     transform, report = fit_sgat(
         x, state, weights, cfg.w_bits, cfg.a_bits, gates=cfg.sgat, kron=cfg.kron, init=cfg.init, epochs=cfg.epochs, lr=cfg.lr,
         tokens_per_step=cfg.batch_size * cfg.extra["seq_len"], sequence=SHUFFLE_RUN, generator=gen, fold_norm=fold,
+        gate_select=cfg.sgat_select, gate_retrain=cfg.sgat_retrain,
     )
     return transform, report
 
@@ -423,7 +426,7 @@ def calibrate(
 ) -> Recipe:
     """Calibrate ``model`` on ``data`` with ``method`` and return the recipe the backend applies.
 
-    ``method_options``: ``gptq`` (all methods), ``sgat``, ``tac``, ``tac_select``, ``kron``,
+    ``method_options``: ``gptq`` (all methods), ``sgat``, ``sgat_select``, ``sgat_retrain``, ``tac``, ``tac_select``, ``kron``,
     ``epochs``, ``lr`` (starquant), ``alpha`` (smoothquant), ``batch_size``, ``tac_samples``, ``trajectory_prompts``,
     ``trajectory_steps``, ``seed``, ``progress``.
     """
