@@ -201,8 +201,8 @@ def fit_sgat(
         with torch.no_grad():
             a, b = p1.weight.detach(), p2.weight.detach()
             w_f = fake_quant_weight(kron_apply(w, a, b), w_bits)
-            gated = _site_loss(x, state, w, w_f, a, b, a_bits, gate_m, gate_u, device)
-            ungated = _site_loss(x, state, w, w_f, a, b, a_bits, torch.ones_like(gate_m), torch.ones_like(gate_u), device)
+            gated = _site_loss(x, state, w, w_f, a, b, a_bits, gate_m, gate_u, device, tokens_per_step)
+            ungated = _site_loss(x, state, w, w_f, a, b, a_bits, torch.ones_like(gate_m), torch.ones_like(gate_u), device, tokens_per_step)
         gates = gated < ungated
         report.update(loss_gated=gated, loss_ungated=ungated, gates_kept=gates)
         if not gates and gate_retrain:  # P was trained for the gates: train one for none, keep the better
@@ -213,7 +213,7 @@ def fit_sgat(
                 p1r, p2r = (t.float().to(device) for t in (retrained.p1, retrained.p2))
                 w_fr = fake_quant_weight(kron_apply(w, p1r, p2r), w_bits)
                 ones = torch.ones_like(gate_m)
-                loss = _site_loss(x, state, w, w_fr, p1r, p2r, a_bits, ones, ones, device)
+                loss = _site_loss(x, state, w, w_fr, p1r, p2r, a_bits, ones, ones, device, tokens_per_step)
             report["loss_retrained"] = loss
             if loss < ungated:
                 return retrained, {**report, "retrained": True, "loss_last_epoch": again["loss_last_epoch"]}
@@ -228,9 +228,9 @@ def fit_sgat(
     return transform, report
 
 
-def _site_loss(x, state, w, w_f, p1, p2, a_bits, gate_m, gate_u, device, chunk: int = 65536) -> float:
+def _site_loss(x, state, w, w_f, p1, p2, a_bits, gate_m, gate_u, device, chunk: int) -> float:
     """The training loss of a fitted transform (weights ``w_f`` already transformed and quantized)
-    over all tokens ``x`` [T, d], in chunks: ``x`` may be on the host."""
+    over all tokens ``x`` [T, d], in chunks of a training step's size (its memory): ``x`` may be on the host."""
     err = ref = 0.0
     for i in range(0, x.shape[0], chunk):
         xb = x[i : i + chunk].to(device).float()
