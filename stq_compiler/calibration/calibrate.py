@@ -60,7 +60,7 @@ class CalibrationConfig:
     mask_token_id: Optional[int] = None
     gptq: bool = False
     sgat: bool = True  # starquant: state gates on (False: one shared learned transform)
-    sgat_select: bool = False  # starquant: per site, the state gates only where they lower the trained loss on the calibration tokens
+    sgat_select: bool = True  # starquant: per site, the state gates only where they lower the trained loss on the calibration tokens (benchmarks/explore/ranking.py)
     sgat_retrain: bool = False  # starquant, with sgat_select: a site that drops its gates trains a P for none
     tac: bool = True  # starquant: temporal attention compensation
     tac_select: bool = False  # starquant: per TAC block, the fitted map only where it lowers the calibration error, else identity
