@@ -67,7 +67,7 @@ def main() -> None:
     ids[torch.rand(ids.shape, device="cuda") < 0.5] = mask
     calib = torch.randint(0, mask, (2, 64))
     recipe = calibrate(model, calib, "starquant", args.bits, args.bits, epochs=0, batch_size=2, tac_samples=2,
-                       trajectory_prompts=0, device="cuda", progress=False)
+                       trajectory_prompts=0, device="cuda", progress=False, sgat_select=False)  # gates on every site
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
               "tokens": args.tokens, "bits": args.bits, "variants": {}}
     variants = {

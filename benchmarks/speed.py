@@ -238,6 +238,7 @@ def starquant_recipe(model: nn.Module, name: str, bits: int, quantize_head: bool
         model, ids, "starquant", bits, bits, quantize_head=quantize_head, epochs=args.recipe_epochs,
         batch_size=args.recipe_samples, tac_samples=args.recipe_samples, trajectory_prompts=0,
         seed=args.seed, device=args.device, progress=False,
+        sgat_select=False,  # every site keeps its gates: the kernels timed are the full method's
     )
     seconds = time.perf_counter() - clock
     recipe.save(path)

@@ -60,7 +60,10 @@ class CalibrationConfig:
     mask_token_id: Optional[int] = None
     gptq: bool = False
     sgat: bool = True  # starquant: state gates on (False: one shared learned transform)
+    sgat_select: bool = True  # starquant: per site, the state gates only where they lower the trained loss on the calibration tokens (benchmarks/explore/ranking.py)
+    sgat_retrain: bool = False  # starquant, with sgat_select: a site that drops its gates trains a P for none
     tac: bool = True  # starquant: temporal attention compensation
+    tac_select: bool = False  # starquant: per TAC block, the fitted map only where it lowers the calibration error, else identity
     kron: bool = True  # starquant: P = P1 ⊗ P2 (False: dense P)
     init: str = "hadamard"  # starquant: P's starting point ("random": a random orthogonal, as the paper)
     epochs: int = 15
@@ -80,7 +83,7 @@ class CalibrationConfig:
     def recipe_options(self) -> dict:
         options = {"gptq": self.gptq, "fold_norm": self.method != "rtn"}
         if self.method == "starquant":
-            options.update(sgat=self.sgat, tac=self.tac, kron=self.kron, init=self.init, epochs=self.epochs, lr=self.lr)
+            options.update(sgat=self.sgat, sgat_select=self.sgat_select, sgat_retrain=self.sgat_retrain, tac=self.tac, tac_select=self.tac_select, kron=self.kron, init=self.init, epochs=self.epochs, lr=self.lr)
         if self.method == "smoothquant":
             options["alpha"] = self.alpha
         return options
@@ -370,6 +373,7 @@ def _fit_site(site: Site, x: torch.Tensor, state: torch.Tensor, norm_weight, cfg
     transform, report = fit_sgat(
         x, state, weights, cfg.w_bits, cfg.a_bits, gates=cfg.sgat, kron=cfg.kron, init=cfg.init, epochs=cfg.epochs, lr=cfg.lr,
         tokens_per_step=cfg.batch_size * cfg.extra["seq_len"], sequence=SHUFFLE_RUN, generator=gen, fold_norm=fold,
+        gate_select=cfg.sgat_select, gate_retrain=cfg.sgat_retrain,
     )
     return transform, report
 
@@ -422,8 +426,8 @@ def calibrate(
 ) -> Recipe:
     """Calibrate ``model`` on ``data`` with ``method`` and return the recipe the backend applies.
 
-    ``method_options``: ``gptq`` (all methods), ``sgat``, ``tac``, ``kron``, ``epochs``, ``lr``
-    (starquant), ``alpha`` (smoothquant), ``batch_size``, ``tac_samples``, ``trajectory_prompts``,
+    ``method_options``: ``gptq`` (all methods), ``sgat``, ``sgat_select``, ``sgat_retrain``, ``tac``, ``tac_select``, ``kron``,
+    ``epochs``, ``lr`` (starquant), ``alpha`` (smoothquant), ``batch_size``, ``tac_samples``, ``trajectory_prompts``,
     ``trajectory_steps``, ``seed``, ``progress``.
     """
     if method not in METHODS:
@@ -473,12 +477,15 @@ def calibrate(
     for fqn, qw in weights.items():
         tensors[Recipe.key(fqn, "w.q")] = qw.q.cpu()
         tensors[Recipe.key(fqn, "w.scale")] = qw.scale.cpu()
+    tac_kept: dict[str, list] = {}
     if method == "starquant" and cfg.tac:
-        for fqn, params in fit_tac_layers(captured, transforms, weights, batches, cfg, quantize_head).items():
+        for fqn, params in fit_tac_layers(captured, transforms, weights, batches, cfg, quantize_head, tac_kept).items():
             tensors[Recipe.key(fqn, "tac.M")] = params.M
             tensors[Recipe.key(fqn, "tac.d")] = params.d
         timing["tac_s"] = time.perf_counter() - clock
     options = cfg.recipe_options()
+    if tac_kept:  # per layer, the TAC blocks that kept the fitted map (tac_select)
+        options["tac_kept"] = tac_kept
     options["quantize_head"] = quantize_head
     options["timing"] = timing
     if cfg.max_blocks is not None:
@@ -556,12 +563,18 @@ def _quantize_fitted(graph: _Graph, keys: set, transforms, weights, cfg: Calibra
     quantize_linears(graph.gm, subset, cfg.w_bits, cfg.a_bits, graph.state, quantize_head, transforms, weights, quantize=quantize)
 
 
-def fit_tac_layers(captured: _Captured, transforms, weights, batches, cfg: CalibrationConfig, quantize_head: bool) -> dict[str, TacParams]:
+def fit_tac_layers(captured: _Captured, transforms, weights, batches, cfg: CalibrationConfig, quantize_head: bool,
+                   kept: Optional[dict] = None) -> dict[str, TacParams]:
     """TAC per attention layer from ≤ ``tac_samples`` inputs, layer by layer: the TAC point seen with
     every transform on and quantizers off (reference) and on (quantized), accumulated as streaming
     statistics. Streamed like the SGAT fit, with two boundary streams (reference, quantized); the
     quantized stream goes on through each block with that block's TAC applied, so every layer's
-    TAC is fitted on the inputs it will see, the earlier layers' TAC active."""
+    TAC is fitted on the inputs it will see, the earlier layers' TAC active.
+
+    With ``cfg.tac_select`` the two sides are paired token by token (the reference side's TAC-point
+    tensors wait on the host for the quantized side's: one layer's ``tac_samples`` sequences) and
+    each block keeps its fitted map only where it lowers the calibration error; ``kept`` gets, per
+    layer, which blocks did."""
     from stq_compiler.passes.tac import insert_tac
 
     batches = batches[: max(1, cfg.tac_samples // cfg.batch_size)]
@@ -572,6 +585,15 @@ def fit_tac_layers(captured: _Captured, transforms, weights, batches, cfg: Calib
         inputs = captured.inputs_on_device(b)
         advance = b + 1 < captured.pieces
         stats: dict[str, TacStatistics] = {}
+        waiting: dict[str, list] = {}  # tac_select: reference-side tensors, in batch order
+
+        def sink(fqn: str, side: str):
+            s = stats[fqn]
+            if not cfg.tac_select:
+                return lambda z: s.add(side, z)
+            if side == "ref":
+                return lambda z: waiting.setdefault(fqn, []).append(_to_host(z))
+            return lambda z: s.update(waiting[fqn].pop(0), z)
 
         def block_graph(quantize: bool, tac: Optional[dict] = None) -> tuple[_Graph, list]:
             graph = _Graph(captured, cfg.mask_token_id, inputs)
@@ -588,10 +610,15 @@ def fit_tac_layers(captured: _Captured, transforms, weights, batches, cfg: Calib
                 stats.setdefault(proj.fqn, TacStatistics(proj.in_features, tac_group_size(proj.in_features)))
             # observe the TAC point itself (the o-projection's site now reads a transformed input)
             points = {proj.fqn: proj.input for proj in cores}
-            graph.observe(points, {fqn: (lambda z, s=stats[fqn], side=side: s.add(side, z)) for fqn in points})
+            graph.observe(points, {fqn: sink(fqn, side) for fqn in points})
             # the quantized stream moves on only once this block's TAC is in place (below)
             streams[side].run(graph.piece(b, advance and (side == "ref" or not cores)), inputs, advance and (side == "ref" or not cores))
         block_tac = {fqn: s.fit() for fqn, s in stats.items()}
+        if cfg.tac_select:
+            for fqn, s in stats.items():
+                block_tac[fqn], keep = s.keep_where_better(block_tac[fqn])
+                if kept is not None:
+                    kept[fqn] = keep.tolist()
         fitted.update(block_tac)
         if advance and block_tac:
             graph, _ = block_graph(True, block_tac)

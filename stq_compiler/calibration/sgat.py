@@ -9,6 +9,11 @@ over both token states s, with straight-through rounding, ``P`` kept orthogonal 
 ``torch.nn.utils.parametrizations.orthogonal``, AdamW. The gates ``G_s`` keep the shared columns
 and the state's own private ones (d/32 each; the last 2·d/32 columns of the P basis). With
 ``gates=False`` it is the ablation "one shared learned transform without state gates".
+
+Gates are a bet that the two states' activations differ; where they do not, the private columns
+cost each state what the other state's gate zeroes (leakage) and buy nothing. With
+``gate_select`` the trained P is evaluated on all the site's calibration tokens with its gates
+and with none, and the gates stay only if they give the lower loss (METHOD.md §3.4's latitude).
 """
 
 from __future__ import annotations
@@ -128,12 +133,15 @@ def fit_sgat(
     generator: Optional[torch.Generator] = None,
     fold_norm: bool = False,
     device: Optional[torch.device] = None,
+    gate_select: bool = False,
+    gate_retrain: bool = False,
 ) -> tuple[SiteTransform, dict]:
     """Learn the site's transform from activations ``x`` [T, d] (already divided by the norm scale
     when ``fold_norm``) and the site's folded-so-far weights ``W_j`` [N_j, d]. Training runs on
     ``device`` (default: the weights'); ``x`` may stay on the CPU, minibatches move. Minibatches
     of ``tokens_per_step`` are shuffled in runs of ``sequence`` consecutive tokens, which keeps
-    each step's copy contiguous. Returns the transform and a small report (first/last epoch loss)."""
+    each step's copy contiguous. Returns the transform and a small report (first/last epoch loss;
+    with ``gate_select``, the final loss with and without the gates and whether they were kept)."""
     d = x.shape[-1]
     device = torch.device(device) if device is not None else weights[0].device
     if init not in ("hadamard", "random"):
@@ -188,6 +196,27 @@ def fit_sgat(
             optimizer.step()
             total += loss.item()
         history.append(total / steps)
+    report = {"loss_first_epoch": history[0] if history else None, "loss_last_epoch": history[-1] if history else None}
+    if gates and gate_select:
+        with torch.no_grad():
+            a, b = p1.weight.detach(), p2.weight.detach()
+            w_f = fake_quant_weight(kron_apply(w, a, b), w_bits)
+            gated = _site_loss(x, state, w, w_f, a, b, a_bits, gate_m, gate_u, device, tokens_per_step)
+            ungated = _site_loss(x, state, w, w_f, a, b, a_bits, torch.ones_like(gate_m), torch.ones_like(gate_u), device, tokens_per_step)
+        gates = gated < ungated
+        report.update(loss_gated=gated, loss_ungated=ungated, gates_kept=gates)
+        if not gates and gate_retrain:  # P was trained for the gates: train one for none, keep the better
+            options = dict(kron=kron, epochs=epochs, lr=lr, tokens_per_step=tokens_per_step, sequence=sequence,
+                           private_fraction=private_fraction, init=init, generator=generator, fold_norm=fold_norm, device=device)
+            retrained, again = fit_sgat(x, is_masked, weights, w_bits, a_bits, gates=False, **options)
+            with torch.no_grad():
+                p1r, p2r = (t.float().to(device) for t in (retrained.p1, retrained.p2))
+                w_fr = fake_quant_weight(kron_apply(w, p1r, p2r), w_bits)
+                ones = torch.ones_like(gate_m)
+                loss = _site_loss(x, state, w, w_fr, p1r, p2r, a_bits, ones, ones, device, tokens_per_step)
+            report["loss_retrained"] = loss
+            if loss < ungated:
+                return retrained, {**report, "retrained": True, "loss_last_epoch": again["loss_last_epoch"]}
     with torch.no_grad():
         transform = SiteTransform(
             fold_norm=fold_norm,
@@ -196,4 +225,18 @@ def fit_sgat(
             gate_masked=gate_m.cpu() if gates else None,
             gate_unmasked=gate_u.cpu() if gates else None,
         )
-    return transform, {"loss_first_epoch": history[0] if history else None, "loss_last_epoch": history[-1] if history else None}
+    return transform, report
+
+
+def _site_loss(x, state, w, w_f, p1, p2, a_bits, gate_m, gate_u, device, chunk: int) -> float:
+    """The training loss of a fitted transform (weights ``w_f`` already transformed and quantized)
+    over all tokens ``x`` [T, d], in chunks of a training step's size (its memory): ``x`` may be on the host."""
+    err = ref = 0.0
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i : i + chunk].to(device).float()
+        sb = state[i : i + chunk].to(device)
+        target = xb @ w.t()
+        xt = kron_apply(xb, p1, p2) * torch.where(sb[:, None], gate_m, gate_u)
+        err += (target - fake_quant_activation(xt, a_bits) @ w_f.t()).pow(2).sum(dtype=torch.float64).item()
+        ref += target.pow(2).sum(dtype=torch.float64).item()
+    return err / max(ref, 1e-12)

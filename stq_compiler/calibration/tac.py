@@ -12,6 +12,13 @@ At the TAC point (attention core output, heads merged, width C) the calibration 
 
 Applied as ``Z_b ← Ẑ_b M_bᵀ + d_b`` by ``stq::tac_block_affine``. Everything is computed in
 float64, all blocks at once (batched linear algebra); the result is stored in float32.
+
+The map matches moments; it does not minimise the error ``‖z_ref − (M ẑ + d)‖²``, and on a block
+where Ẑ is already close to Z_ref it can raise that error. With the cross-covariance of the paired
+tokens the calibration error of any ``(M, d = μ_ref − M μ_q)`` is closed-form, ``tr Σ_ref −
+2 tr(M Σ_qr) + tr(M Σ_q Mᵀ)`` (d removes the mean term), against ``tr Σ_ref + tr Σ_q − 2 tr Σ_qr +
+‖μ_ref − μ_q‖²`` for the identity; ``keep_where_better`` keeps the fitted map only on the blocks
+where it is the lower (an engineering choice, METHOD.md §3.4's latitude).
 """
 
 from __future__ import annotations
@@ -82,7 +89,9 @@ class TacStatistics:
     """Streaming per-block first and second moments of ``Z_ref`` and ``Ẑ`` (float64).
 
     Sums are taken around a per-channel shift (the first batch's mean) so that ``E[xxᵀ] − μμᵀ``
-    does not cancel catastrophically when the means are large against the spread.
+    does not cancel catastrophically when the means are large against the spread. Tokens added as
+    pairs (``update``) also accumulate the cross-covariance ``Cov(Ẑ, Z_ref)`` that the calibration
+    error needs (``calibration_error``).
     """
 
     def __init__(self, channels: int, group: Optional[int] = None):
@@ -108,6 +117,15 @@ class TacStatistics:
             )
         self.add("ref", z_ref)
         self.add("q", z_q)
+        if z_ref.numel() == 0:
+            return
+        nb, g = self.channels // self.group, self.group
+        xr = (self._blocks(z_ref, "z_ref") - self._shift["ref"]).reshape(-1, nb, g)
+        xq = (self._blocks(z_q, "z_q") - self._shift["q"]).reshape(-1, nb, g)
+        if "qr" not in self._outer:
+            self._outer["qr"] = xq.new_zeros(nb, g, g)
+        self._outer["qr"] += torch.einsum("tbi,tbj->bij", xq, xr)
+        self._count["qr"] = self._count.get("qr", 0) + xr.shape[0]
 
     def add(self, key: str, z: torch.Tensor) -> None:
         """Add tokens to one side (``"ref"`` or ``"q"``): calibration runs the two graphs apart."""
@@ -139,6 +157,38 @@ class TacStatistics:
         cov = self._outer[key] / count - mean_shifted.unsqueeze(-1) * mean_shifted.unsqueeze(-2)
         mean = mean_shifted + self._shift[key].reshape_as(mean_shifted)
         return mean, (cov + cov.transpose(-1, -2)) / 2
+
+    def cross_covariance(self) -> torch.Tensor:
+        """Per-block ``Cov(Ẑ, Z_ref)`` [C//g, g, g] (rows: Ẑ's channels), of tokens added as pairs."""
+        count = self._count.get("qr", 0)
+        if count == 0 or count != self._count.get("ref") or count != self._count.get("q"):
+            raise ValueError("TAC statistics: the cross-covariance needs every token added as a pair (update)")
+        mean_r = self._sum["ref"] / count
+        mean_q = self._sum["q"] / count
+        return self._outer["qr"] / count - mean_q.unsqueeze(-1) * mean_r.unsqueeze(-2)
+
+    def calibration_error(self, params: TacParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block, the mean squared error ``E‖z_ref − (M ẑ + d)‖²`` on the collected tokens with
+        ``params``' M (and ``d = μ_ref − M μ_q``, which ``fit`` sets), and with the identity map."""
+        mu_ref, cov_ref = self.moments("ref")
+        mu_q, cov_q = self.moments("q")
+        cov_qr = self.cross_covariance()
+        m = params.M.to(cov_q)
+        trace = lambda a: a.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+        fitted = trace(cov_ref) - 2 * trace(m @ cov_qr) + trace(m @ cov_q @ m.transpose(-1, -2))
+        identity = trace(cov_ref) + trace(cov_q) - 2 * trace(cov_qr) + (mu_ref - mu_q).pow(2).sum(-1)
+        return fitted, identity
+
+    def keep_where_better(self, params: TacParams) -> tuple[TacParams, torch.Tensor]:
+        """``params`` with the identity (M = I, d = 0) on every block where the fitted map's
+        calibration error is not lower than the identity's; and which blocks kept the fit."""
+        fitted, identity = self.calibration_error(params)
+        keep = (fitted < identity).cpu()
+        g = self.group
+        eye = torch.eye(g, dtype=params.M.dtype)
+        m = torch.where(keep[:, None, None], params.M, eye)
+        d = torch.where(keep[:, None], params.d.reshape(-1, g), torch.zeros((), dtype=params.d.dtype)).reshape(-1)
+        return TacParams(m, d), keep
 
     def fit(
         self,

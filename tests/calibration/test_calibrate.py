@@ -27,7 +27,8 @@ def calib_ids():
 
 @pytest.fixture(scope="module")
 def starquant_recipe(llada, calib_ids):
-    return calibrate(llada, calib_ids, "starquant", 4, 4, **SMALL)
+    # gates kept on every site (sgat_select would drop them where they do not pay): the tests below check their machinery
+    return calibrate(llada, calib_ids, "starquant", 4, 4, sgat_select=False, **SMALL)
 
 
 def _run(model, recipe, ids, **options):
@@ -133,3 +134,16 @@ def test_calibration_input_errors(llada, calib_ids):
     no_mask.config.mask_token_id = None
     with pytest.raises(CalibrationError, match="mask token id"):
         calibrate(no_mask, calib_ids, "rtn")
+
+
+def test_tac_select_keeps_the_fit_or_the_identity_per_block(starquant_recipe, llada, calib_ids):
+    """Same seed, so the same SGAT fit and TAC statistics: each TAC block holds either the default
+    recipe's fitted map or the identity, as ``tac_kept`` records."""
+    selected = calibrate(llada, calib_ids, "starquant", 4, 4, sgat_select=False, tac_select=True, **SMALL)
+    assert selected.options["tac_select"] and selected.options["tac_kept"]
+    for fqn, kept in selected.options["tac_kept"].items():
+        m, d = selected.tensors[Recipe.key(fqn, "tac.M")], selected.tensors[Recipe.key(fqn, "tac.d")].reshape(len(kept), -1)
+        m_fit, d_fit = starquant_recipe.tensors[Recipe.key(fqn, "tac.M")], starquant_recipe.tensors[Recipe.key(fqn, "tac.d")].reshape(len(kept), -1)
+        for b, keep in enumerate(kept):
+            expected = (m_fit[b], d_fit[b]) if keep else (torch.eye(m.shape[-1]), torch.zeros(d.shape[-1]))
+            torch.testing.assert_close((m[b], d[b]), expected, rtol=0, atol=0)

@@ -104,15 +104,15 @@ def _fit_blocks_whole_graph(captured, blocks, batches, cfg, quantize_head, gen, 
     return transforms, weights, reports
 
 
-def _fit_tac_whole_graph(captured, transforms, weights, batches, cfg, quantize_head):
+def _fit_tac_whole_graph(captured, transforms, weights, batches, cfg, quantize_head, kept=None):
     """Layer by layer on the whole graph: layer i's TAC from the reference graph and the quantized
-    graph with the TAC of layers before i in place."""
+    graph with the TAC of layers before i in place (with ``tac_select``, the tokens paired)."""
     from stq_compiler.passes.tac import insert_tac
 
     fitted = {}
     order = [c.output_projection.fqn for c in _Graph(captured, cfg.mask_token_id).analysis.attention if c.output_projection]
     for fqn in order:
-        stats = None
+        stats, waiting = None, []
         for side, quantize in (("ref", False), ("q", True)):
             graph = _Graph(captured, cfg.mask_token_id)
             if quantize and fitted:
@@ -120,10 +120,18 @@ def _fit_tac_whole_graph(captured, transforms, weights, batches, cfg, quantize_h
             proj = next(c.output_projection for c in graph.analysis.attention if c.output_projection and c.output_projection.fqn == fqn)
             stats = stats or TacStatistics(proj.in_features, tac_group_size(proj.in_features))
             _quantize_fitted(graph, {site_key(s) for s in graph.analysis.sites}, transforms, weights, cfg, quantize_head, quantize)
-            graph.observe({fqn: proj.input}, {fqn: (lambda z, side=side: stats.add(side, z))})
+            if cfg.tac_select:
+                sink = (lambda z: waiting.append(z)) if side == "ref" else (lambda z: stats.update(waiting.pop(0), z))
+            else:
+                sink = lambda z, side=side: stats.add(side, z)  # noqa: E731
+            graph.observe({fqn: proj.input}, {fqn: sink})
             for batch in batches[: max(1, cfg.tac_samples // cfg.batch_size)]:
                 _run_whole(graph, batch)
         fitted[fqn] = stats.fit()
+        if cfg.tac_select:
+            fitted[fqn], keep = stats.keep_where_better(fitted[fqn])
+            if kept is not None:
+                kept[fqn] = keep.tolist()
     return fitted
 
 
@@ -131,6 +139,7 @@ def _fit_tac_whole_graph(captured, transforms, weights, batches, cfg, quantize_h
     ("llada", "starquant", {}),
     ("dream", "starquant", {}),
     ("llama", "starquant", {"tac_samples": 4}),
+    ("llada", "starquant", {"tac_select": True, "sgat_select": False}),
     ("qwen2", "starquant", {"sgat": False}),
     ("llada", "rtn", {"gptq": True}),
     ("dream", "quarot", {"gptq": True}),
@@ -147,6 +156,7 @@ def test_streamed_recipes_equal_the_whole_graph_ones(arch, method, options, monk
     for key, tensor in whole.tensors.items():
         torch.testing.assert_close(streamed.tensors[key], tensor, rtol=1e-5, atol=1e-5, msg=key)
     assert streamed.options["sgat_loss" if method == "starquant" else "gptq"] == whole.options["sgat_loss" if method == "starquant" else "gptq"]
+    assert streamed.options.get("tac_kept") == whole.options.get("tac_kept")
 
 
 @pytest.mark.parametrize("arch", ["llada", "llama"])

@@ -181,3 +181,37 @@ def test_op_argument_checks_and_fake():
     with pytest.raises(TypeError, match="floating-point"):
         torch.ops.stq.tac_block_affine(z.int(), M, d)
     torch.library.opcheck(torch.ops.stq.tac_block_affine.default, (torch.randn(2, 5, 40).transpose(0, 1), M, d))
+
+
+def test_calibration_error_is_the_direct_mean_squared_error():
+    """The closed forms (fitted: tr Σ_r − 2 tr(M Σ_qr) + tr(M Σ_q Mᵀ); identity: tr Σ_r + tr Σ_q −
+    2 tr Σ_qr + ‖μ_r − μ_q‖²) against ‖z_ref − (M ẑ + d)‖² averaged over the tokens, streamed."""
+    z_ref, z_q = correlated_pair(3000, 48, seed=11, mean_scale=1e3)
+    stats = TacStatistics(48)
+    for lo, hi in ((0, 1), (1, 700), (700, 700), (700, 3000)):
+        stats.update(z_ref[lo:hi], z_q[lo:hi])
+    params = stats.fit(dtype=torch.float64)
+    fitted, identity = stats.calibration_error(params)
+    zr, zq = z_ref.reshape(-1, 3, 16), z_q.reshape(-1, 3, 16)
+    mapped = torch.einsum("tbj,bij->tbi", zq, params.M) + params.d.reshape(3, 16)
+    torch.testing.assert_close(fitted, (zr - mapped).pow(2).sum(-1).mean(0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(identity, (zr - zq).pow(2).sum(-1).mean(0), rtol=1e-9, atol=0)
+    assert (fitted < identity).all()  # a distorted copy: the fit helps on every block
+
+
+def test_keep_where_better_falls_back_to_the_identity_on_undistorted_blocks():
+    """Blocks where Ẑ = Z_ref keep the identity (the fit's damping makes it a shade worse there);
+    distorted blocks keep the fit."""
+    z_ref, z_q = correlated_pair(2000, 32, seed=5)
+    z_q[:, :16] = z_ref[:, :16]
+    stats = TacStatistics(32)
+    stats.update(z_ref, z_q)
+    params, keep = stats.keep_where_better(stats.fit())
+    assert keep.tolist() == [False, True]
+    assert torch.equal(params.M[0], torch.eye(16)) and not params.d[:16].any()
+    assert torch.equal(params.M[1], stats.fit().M[1])
+    with pytest.raises(ValueError, match="as a pair"):
+        unpaired = TacStatistics(32)
+        unpaired.add("ref", z_ref)
+        unpaired.add("q", z_q)
+        unpaired.cross_covariance()
