@@ -45,9 +45,7 @@ def shared_constant(name: str, tensor: torch.Tensor) -> torch.Tensor:
         held = ref()
         if held is not None and torch.equal(held, tensor):
             return held
-    _registered[key] = [*live, weakref.ref(tensor)]
-    for stale in [k for k, refs in _registered.items() if all(r() is None for r in refs)]:
-        del _registered[stale]
+    _registered[key] = [*live, weakref.ref(tensor)]  # (a dead graph's keys stay, with dead references)
     return tensor
 
 
