@@ -21,7 +21,8 @@ import torch
 
 from stq_compiler.backend import StarQuant
 from stq_compiler.calibration.calibrate import calibrate
-from tests.conftest import logits_of, sqnr_db, tiny_model
+from tests.calibration.test_ranking import outlier_model
+from tests.conftest import logits_of, sqnr_db
 
 # sgat_select is spelled out: the first five are the methods as they were before it existed.
 VARIANTS = {
@@ -38,26 +39,10 @@ VARIANTS = {
 }
 
 
-def outlier_model(d=128, seed=0, mask_outliers=False):
-    """test_ranking.outlier_model; with ``mask_outliers`` also 3 channels of the mask token's
-    embedding row scaled 10-50x, chosen among those the norm outliers leave alone."""
-    torch.manual_seed(seed)
-    model = tiny_model("llada", seed=seed, n_layers=2, d_model=d, n_heads=d // 16, n_kv_heads=d // 16, mlp_hidden_size=2 * d)
-    scales = torch.tensor([10.0, 30.0, 50.0])
-    with torch.no_grad():
-        hit = torch.zeros(d, dtype=torch.bool)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                idx = torch.randperm(p.numel())[:3]
-                p[idx] *= scales
-                hit[idx] = True
-        if mask_outliers:
-            free = torch.nonzero(~hit).squeeze(1)
-            channels = free[torch.randperm(free.numel(), generator=torch.Generator().manual_seed(seed + 100))[:3]]
-            emb = next(p for name, p in model.named_parameters() if name.endswith("wte.weight"))
-            emb[model.config.mask_token_id, channels] *= scales
-    return model
 
+def _spread(values):
+    """Sample standard deviation; 0 for a single run."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 def run(seed, calib_seed, variant, mask_outliers):
     model = outlier_model(seed=seed, mask_outliers=mask_outliers)
@@ -118,10 +103,10 @@ def main():
             continue
         base = [sqnr.get((s, c, "starquant", args.mask_outliers)) for s, c in pairs]
         per_model = [statistics.mean(v for (s, _), v in zip(pairs, vals) if s == m) for m in args.seeds]
-        line = f"{variant:24s} {statistics.mean(vals):6.2f} ± {statistics.stdev(vals):4.2f} | " + " ".join(f"{v:6.2f}" for v in per_model)
+        line = f"{variant:24s} {statistics.mean(vals):6.2f} ± {_spread(vals):4.2f} | " + " ".join(f"{v:6.2f}" for v in per_model)
         if None not in base and variant != "starquant":
             diff = [v - b for v, b in zip(vals, base)]
-            line += f" | {statistics.mean(diff):+5.2f} ± {statistics.stdev(diff):4.2f}, {sum(d > 0 for d in diff)}/{len(diff)}"
+            line += f" | {statistics.mean(diff):+5.2f} ± {_spread(diff):4.2f}, {sum(d > 0 for d in diff)}/{len(diff)}"
         print(line)
 
 

@@ -19,13 +19,25 @@ from stq_compiler.calibration.calibrate import calibrate
 from tests.conftest import logits_of, sqnr_db, tiny_model
 
 
-def outlier_model(d=128, seed=0):
+def outlier_model(d=128, seed=0, mask_outliers=False):
+    """A few channels of every norm scale 10-50x: activation outliers. With ``mask_outliers``
+    (benchmarks/explore/ranking.py) also 3 channels of the mask token's embedding row, among those
+    the norm outliers leave alone: outliers that depend on the token state."""
     torch.manual_seed(seed)
     model = tiny_model("llada", seed=seed, n_layers=2, d_model=d, n_heads=d // 16, n_kv_heads=d // 16, mlp_hidden_size=2 * d)
-    with torch.no_grad():  # a few channels of every norm scale 10-50x: activation outliers
+    scales = torch.tensor([10.0, 30.0, 50.0])
+    with torch.no_grad():
+        hit = torch.zeros(d, dtype=torch.bool)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p[torch.randperm(p.numel())[:3]] *= torch.tensor([10.0, 30.0, 50.0])
+                idx = torch.randperm(p.numel())[:3]
+                p[idx] *= scales
+                hit[idx] = True
+        if mask_outliers:
+            free = torch.nonzero(~hit).squeeze(1)
+            channels = free[torch.randperm(free.numel(), generator=torch.Generator().manual_seed(seed + 100))[:3]]
+            emb = next(p for name, p in model.named_parameters() if name.endswith("wte.weight"))
+            emb[model.config.mask_token_id, channels] *= scales
     return model
 
 
