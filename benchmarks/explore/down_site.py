@@ -1,9 +1,14 @@
 """Probe (GPU): the MLP down site, a quarter of a W4A4 block on the H200 (256 µs of ~1077 at
 LLaDA-8B, 1024 tokens; README "Speed").
 
-Production runs the site's Kronecker ``P1ᵀ X P2`` (96 x 128 factors: a padded token does not fit
-one program) as PyTorch float32 matmuls (FFMA, ~175 µs), then ``_fused_quantize_kernel`` gates and
-quantizes with one token a program (16 warps, ~80 µs for a 50 MB read). Candidates:
+Until 2026-11-29 production ran the site's Kronecker ``P1ᵀ X P2`` (96 x 128 factors: a padded
+token does not fit ``_fused_quantize_kernel``'s multi-token tile) as PyTorch float32 matmuls (FFMA,
+~175 µs), then ``_fused_quantize_kernel`` gated and quantized with one token a program (16 warps,
+~80 µs for a 50 MB read): the ``torch`` rows below. Candidates:
+
+* ``token kernel``: ``_token_kron_quantize_kernel``, one token a program, ``P1ᵀ (X P2)`` as two
+  [128, 128] dots (the 96 rows padded) on the token held in registers, then gate and quantize;
+  tf32x3 or bf16x3 (``triton_fused._dot_f32``), 8 warps. Production since 2026-11-29 (bf16x3).
 
 * ``split-quantize``: the same Kronecker, then gate + quantize as two launches over (token,
   chunk) programs: partial min/max per chunk, then each chunk reads its token's partials, forms
@@ -153,7 +158,7 @@ def imajor_kronecker(x, p1, p2, right=(128, 64, 32, 4, 3), left=(64, 128, 32, 4,
     d1, d2 = p1.shape[0], p2.shape[0]
     y1 = torch.empty((d1, m, d2), dtype=torch.float32, device=x.device)
     y = torch.empty_like(y1)
-    precision = triton_fused.KRON_PRECISION
+    precision = "tf32x3"  # as measured (tl.dot's own; production's bf16x3 is triton_fused._dot_f32)
     if INTERPRET:
         right, left = (32, 16, 16, 4, 1), (16, 32, 16, 4, 1)
     br, bn, bk, warps, stages = right
@@ -192,6 +197,18 @@ def candidates(x, kw, chunk):
     def production():
         return triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)
 
+    def patched(**settings):
+        def run():
+            saved = {name: getattr(triton_fused, name) for name in settings}
+            for name, value in settings.items():
+                setattr(triton_fused, name, value)
+            try:
+                return triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)
+            finally:
+                for name, value in saved.items():
+                    setattr(triton_fused, name, value)
+        return run
+
     def torch_split():
         y = fused_ops.transform_reference(x, p1=kw["p1"], p2=kw["p2"]).contiguous()
         return split_quantize(y, m, k, d2, k, d2, 4, *gates, chunk)
@@ -200,20 +217,29 @@ def candidates(x, kw, chunk):
         y = imajor_kronecker(x, kw["p1"], kw["p2"])
         return split_quantize(y, m, k, d2, d2, m * d2, 4, *gates, chunk)
 
-    return [("production", production), (f"torch + split-quantize chunk={chunk}", torch_split),
-            (f"i-major + split-quantize chunk={chunk}", imajor_split)]
+    out = [("production", production), ("torch + gate-quantize kernel", patched(MAX_TOKEN_KRON_TILE=0)),
+           (f"torch + split-quantize chunk={chunk}", torch_split), (f"i-major + split-quantize chunk={chunk}", imajor_split)]
+    if triton_fused._kron_tile(kw["p1"].shape[0], d2) <= triton_fused.MAX_TOKEN_KRON_TILE:
+        for precision in ("tf32x3", "bf16x3"):
+            for warps in TOKEN_KERNEL_WARPS:
+                out.append((f"token kernel {precision} w={warps}", patched(KRON_PRECISION=precision, TOKEN_KRON_WARPS=warps)))
+    return out
+
+
+TOKEN_KERNEL_WARPS = (8,)  # 4 and 16 spill kilobytes and ran 2-3x slower (the results' first run)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="down-site.json")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     args = ap.parse_args()
     device = "cpu" if INTERPRET else "cuda"
     if INTERPRET:
         cases, chunks = [(13, (6, 8)), (5, (20, 24))], [16]
     else:
-        cases = [(m, kron) for m in (1024, 4096) for kron in ((96, 128), (128, 148))]
+        cases = [(m, kron) for m in args.tokens for kron in ((96, 128), (128, 148))]
         chunks = [1024, 2048, 4096]
     rows = []
     for m, kron in cases:

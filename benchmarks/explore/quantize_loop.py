@@ -134,7 +134,7 @@ def token_loop(x, bits, rms_eps=None, norm_weight=None, p1=None, p2=None, is_mas
         m, x.stride(0), q.stride(0), float(rms_eps or 0.0),
         K=k, D1=d1, D2=d2, D1P=d1p, D2P=d2p, QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1,
         LEVELS=float((1 << bits) - 1), HAS_NORM=rms_eps is not None, HAS_NORM_WEIGHT=norm_weight is not None,
-        HAS_KRON=p1 is not None, HAS_GATE=gate_masked is not None, KRON_PRECISION=triton_fused.KRON_PRECISION, **extra,
+        HAS_KRON=p1 is not None, HAS_GATE=gate_masked is not None, KRON_PRECISION="tf32x3", **extra,  # tl.dot's own, as measured
     )
     return q, scale.view(m, 1), zero.view(m, 1)
 
@@ -144,7 +144,9 @@ def agreement(got, want):
     diff = (q.int() - q_ref.int()).abs()
     same = (diff == 0).double().mean().item()
     scale_rel = ((scale.double() - scale_ref.double()).abs() / scale_ref.double()).max().item()
-    ok = (q.shape == q_ref.shape and scale_rel <= 1e-5 and (zero - zero_ref).abs().max().item() <= 1
+    # a statistical stand-in for tests/codegen/code_agreement.py (scales within its SCALE_RTOL; until
+    # 2026-11-29 1e-5, which the bf16x3 Kronecker's ~1.5e-5 fails: the "BAD" rows of the results)
+    ok = (q.shape == q_ref.shape and scale_rel <= 5e-5 and (zero - zero_ref).abs().max().item() <= 1
           and diff.max().item() <= 1 and same >= 0.999)
     return ok, {"codes_identical": same, "max_code_diff": diff.max().item(), "scale_rel": scale_rel}
 
@@ -218,8 +220,8 @@ def main():
             rows.append({"m": m, "k": k, "site": site, "variant": name, "ok": ok, "us": us, **numbers})
             print(f"M={m} {site:4s} {name:36s} {'ok ' if ok else 'BAD'} {numbers['codes_identical']:.6f}"
                   + (f" {us:8.1f} us" if us is not None else ""), flush=True)
-            Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                                                  "rows": rows}, indent=1))
+            if not (INTERPRET or args.check_only):  # a check writes no results
+                Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

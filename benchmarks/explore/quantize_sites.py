@@ -1,9 +1,13 @@
 """Probe (GPU): the activation kernel at LLaDA-8B's and Dream-7B's sites, as production runs it and
 with a variant that could replace it.
 
-* ``production``: ``triton_fused.fused_quantize_triton`` as is (TAC as its own kernel first; the
-  down sites' Kronecker in PyTorch float32, their padded tile exceeding ``MAX_FUSED_KRON_TILE``);
-* ``tf32``: the Kronecker dots in one TF32 pass instead of tf32x3: how many codes move.
+* ``production``: ``triton_fused.fused_quantize_triton`` as is (TAC as its own kernel first;
+  LLaDA-8B's down site one token a program, Dream-7B's down site's Kronecker in PyTorch float32,
+  its padded tile exceeding ``MAX_TOKEN_KRON_TILE``);
+* ``tf32``: the Kronecker dots in one TF32 pass: how many codes move;
+* ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
+  2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
+  ``triton_fused._dot_f32``: half the tensor-core work).
 
 ``benchmarks/results/explore-quantize-sites-h200.json`` also holds the variants of commit 719340c:
 ``two-pass`` (X P2 as a tiled GEMM writing float32, then one program a token for P1ᵀ and the
@@ -56,7 +60,7 @@ class patched:
 
 
 def variants(site):
-    out = [("production", {})]
+    out = [("production", {}), ("tf32x3", {"KRON_PRECISION": "tf32x3"})]
     if SITES[site][0] <= 4096:
         out.append(("tf32", {"KRON_PRECISION": "tf32"}))
     return out
@@ -65,9 +69,10 @@ def variants(site):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantize-sites.json")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     args = ap.parse_args()
     rows = []
-    for m in (1024, 4096):
+    for m in args.tokens:
         for site, (k, kron, stage) in SITES.items():
             x, common, tac_m, tac_d = site_inputs(m, k, kron, "cuda")
             kw = dict(common)

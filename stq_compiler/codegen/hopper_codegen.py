@@ -166,14 +166,16 @@ def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n
 
 
 def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16") -> KernelResources:
-    """``_fused_quantize_kernel`` for one ``FusedQuantizeSpec`` (TAC runs before it, see
-    ``tac_variant``; its input is then float32)."""
+    """The activation kernel ``fused_quantize_triton`` launches for one ``FusedQuantizeSpec``:
+    ``_fused_quantize_kernel``, or ``_token_kron_quantize_kernel`` for a Kronecker tile above
+    ``MAX_FUSED_KRON_TILE`` (TAC runs before it, see ``tac_variant``; its input is then float32)."""
     from stq_compiler.codegen import triton_fused
 
     if spec.tac_group:
         raise ValueError("TAC runs as its own kernel (tac_variant); give the spec without it")
     k, bits = spec.features, spec.bits
     d1, d2, d1p, d2p, block_m = triton_fused._quantize_tile(spec, m)
+    by_token = spec.kron is not None and d1p * d2p > triton_fused.MAX_FUSED_KRON_TILE
     ptrs = ("norm_w_ptr", "inv_smooth_ptr", "p1_ptr", "p2_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr")
     args = {p: "*fp32" for p in ptrs}
     args.update({"x_ptr": f"*{x_dtype}", "q_ptr": "*u8" if spec.packed else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
@@ -182,13 +184,18 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
         "K": k, "D1": d1, "D2": d2, "D1P": d1p, "D2P": d2p,
         "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": spec.packed,
         "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight,
-        "HAS_SMOOTH": spec.smooth, "HAS_KRON": spec.kron is not None, "HAS_GATE": spec.gate,
-        "BLOCK_M": block_m, "KRON_PRECISION": triton_fused.KRON_PRECISION,
+        "HAS_SMOOTH": spec.smooth, "HAS_GATE": spec.gate, "KRON_PRECISION": triton_fused.KRON_PRECISION,
     }
-    warps = triton_fused._quantize_warps(block_m * d1p * d2p)
-    compiled = compile_sm90(triton_fused._fused_quantize_kernel, args, constexprs, warps, 1)
+    if by_token:
+        kernel, warps, tile = triton_fused._token_kron_quantize_kernel, triton_fused.TOKEN_KRON_WARPS, f"1x{d1p}x{d2p}"
+        constexprs["X_IS_BF16"] = x_dtype == "bf16"
+    else:
+        kernel, warps = triton_fused._fused_quantize_kernel, triton_fused._quantize_warps(block_m * d1p * d2p)
+        constexprs.update({"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m})
+        tile = f"{block_m}x{d1p}x{d2p}"
+    compiled = compile_sm90(kernel, args, constexprs, warps, 1)
     label = name or " ".join(spec.stages)
-    return resources(compiled, f"quantize {label} K={k} tile={block_m}x{d1p}x{d2p} w{warps}")
+    return resources(compiled, f"quantize {label} K={k} tile={tile} w{warps}")
 
 
 def tac_variant(k: int, g: int = 16, m: int = 4096) -> KernelResources:
@@ -201,8 +208,8 @@ def tac_variant(k: int, g: int = 16, m: int = 4096) -> KernelResources:
 
 
 def site_specs():
-    """(name, FusedQuantizeSpec) of every activation site of LLaDA-8B and Dream-7B whose
-    Kronecker transform the kernel fuses (the MLP down sites fall back, see triton_fused)."""
+    """(name, FusedQuantizeSpec) of every activation site of LLaDA-8B and Dream-7B (Dream-7B's
+    MLP down site's Kronecker falls back to PyTorch, see triton_fused: gate + quantize only)."""
     from stq_compiler.calibration.transforms import kronecker_factors
     from stq_compiler.fused_ops import FusedQuantizeSpec
 
@@ -211,8 +218,8 @@ def site_specs():
         kron = kronecker_factors(hidden)
         specs.append((f"{model} qkv/gate_up", FusedQuantizeSpec(hidden, 4, rms_norm=True, kron=kron, gate=True)))
         specs.append((f"{model} o (after TAC)", FusedQuantizeSpec(hidden, 4, kron=kron, gate=True)))
-    for k in (12288, 18944):  # the down sites' gate + quantize after the PyTorch fallback
-        specs.append((f"down K={k}", FusedQuantizeSpec(k, 4, gate=True)))
+    specs.append(("llada down", FusedQuantizeSpec(12288, 4, kron=kronecker_factors(12288), gate=True)))
+    specs.append(("dream down (after the PyTorch Kronecker)", FusedQuantizeSpec(18944, 4, gate=True)))
     return specs
 
 

@@ -9,18 +9,21 @@ kernel. Float work:
 * RMSNorm: sum of squares over the tile, ``1 / sqrt_rn(ss / K + eps)``, times the norm weight;
 * TAC (the o_proj site) runs first as its own kernel, ``_tac_affine_kernel`` (one [tokens, g] x
   [g, g] float32 dot per block of g channels, float32 out), and this kernel takes its output;
-* Kronecker: ``X P2`` as one ``tl.dot`` on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)``
-  as a dot on the transposed view, with ``KRON_PRECISION = "tf32x3"``: three TF32 tensor-core
-  products (hi·hi + hi·lo + lo·hi) accurate to about float32 (plain TF32 would cost ~1e-3
-  relative error and flip many codes). ``"ieee"`` is exact float32 but lowers to unrolled FMAs
-  that spill ~10 KB a thread at d = 4096 on sm_90a (ptxas -v); the interpreter ignores the
-  setting and multiplies in float32;
+* Kronecker: ``X P2`` as one dot on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)`` as a
+  dot on the transposed view (``_token_kron_quantize_kernel``: one token a program, two plain 2-D
+  dots, for LLaDA-8B's MLP down site, 96 x 128). Each dot is ``_dot_f32`` with
+  ``KRON_PRECISION = "bf16x3"``: both float32 operands split into bfloat16 hi + lo, three
+  bfloat16 tensor-core products, float32 accumulation, about 1e-5 relative (plain TF32 would
+  cost ~1e-3 and move 0.15 % of the codes; tf32x3, 1e-6, was 10-35 % slower; ``"ieee"`` lowers
+  to unrolled FMAs that spill ~10 KB a thread at d = 4096 on sm_90a). The splits are rounded by
+  integer arithmetic and, in the interpreter, multiplied in float32, so the interpreter runs the
+  same arithmetic as the GPU;
 * gate, min/max, IEEE divisions and ``floor(v + 0.5)`` as in ``stq::quantize_per_token``.
 
 So the float parts differ from the reference by float32 summation order (the sum of squares,
-TAC's dot) and, on the GPU, tf32x3's dropped lo·lo term: about 1e-6 relative. Factors whose padded tile exceeds
-``MAX_FUSED_KRON_TILE`` (the MLP down sites at 8B scale) are not fused yet: their float stages
-run as PyTorch ops before the kernel. 4-bit codes are packed (``fused_ops`` docstring) by
+TAC's dot) and bf16x3's dropped terms: about 1e-5 relative. Factors whose padded tile exceeds
+``MAX_TOKEN_KRON_TILE`` (Dream-7B's MLP down site) are not fused: their float stages run as
+PyTorch ops before the kernel. 4-bit codes are packed (``fused_ops`` docstring) by
 splitting the tile's last axis into even/odd pairs, so ``d2`` must be even (or ``d1 = 1``).
 
 ``_fused_linear_kernel``: the tiled int8 GEMM of ``triton_rtn`` generalised to packed operands.
@@ -61,6 +64,7 @@ from stq_compiler import tac_ops
 from stq_compiler.codegen.triton_rtn import _INTERPRET_GEMM_CONFIG, _gemm_config, grouped_tile, row_tiles_fitting
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = tl.constexpr(INTERPRET)  # the same, readable inside kernels
 
 _LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -84,6 +88,84 @@ def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexp
         if HAS_NORM_WEIGHT:
             x = w * x
     return x
+
+
+@triton.jit
+def _bf16_rounded(x):
+    """float32 -> the nearest bfloat16 value (ties to even), still float32. By integer arithmetic:
+    the interpreter's own conversion truncates. (Infinities stay; a NaN may round to a zero, and
+    ``_dot_f32`` then carries it in the lo part.)"""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_dot(a, b, acc, EMULATE: tl.constexpr):
+    """bfloat16 tiles (given as float32 holding bfloat16 values) multiplied, float32
+    accumulation. ``EMULATE`` (the interpreter, whose bfloat16 dot is broken in Triton 3.7): the
+    same exact products in a float32 dot."""
+    if EMULATE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _dot_f32(a, b, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr = False):
+    """``a @ b`` of float32 tiles to about float32 accuracy on tensor cores.
+
+    ``"tf32x3"``: Triton's three TF32 products (hi·hi + hi·lo + lo·hi). ``"bf16x3"``: each
+    operand split into bfloat16 hi + lo (16 significant bits, relative residual 2^-18), three
+    bfloat16 products, small terms first, float32 accumulation: about 1e-5 relative, at the
+    tensor-core work of 1.5 TF32 products instead of 3 (two with ``A_IS_BF16``: ``a`` holds
+    bfloat16 values, so its lo part is zero). ``"ieee"``: exact float32 (FMAs)."""
+    if PRECISION == "bf16x3":
+        b_hi = _bf16_rounded(b)
+        b_lo = _bf16_rounded(b - b_hi)
+        acc = tl.zeros([a.shape[0], b.shape[1]], dtype=tl.float32)
+        if A_IS_BF16:
+            a_hi = a
+        else:
+            a_hi = _bf16_rounded(a)
+            acc = _bf16_dot(_bf16_rounded(a - a_hi), b_hi, acc, INTERPRETING)
+        acc = _bf16_dot(a_hi, b_lo, acc, INTERPRETING)
+        return _bf16_dot(a_hi, b_hi, acc, INTERPRETING)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, stride_qm,
+                    D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
+                    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """Per-token asymmetric quantize of the float32 tile ``x`` [BLOCK_M, D1P, D2P] (feature
+    ``i·d2 + j`` at ``[:, i, j]``), as ``stq::quantize_per_token``; stores codes (packed two a
+    byte with ``PACK``), scales and zero points of ``rows``."""
+    x = tl.where(ok, x, 0.0)  # padding is 0 after every stage; make sure, so it cannot move lo/hi
+    col = i * D2 + j
+    lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
+    hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
+    scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
+    scale = tl.where(scale > 0, scale, 1.0)
+    zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
+
+    scale_tile = tl.broadcast_to(scale[:, None, None], (BLOCK_M, D1P, D2P))
+    q = tl.floor(tl.math.div_rn(x, scale_tile) + 0.5) + zero[:, None, None]
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
+    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
+    if PACK:
+        q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
+        even, odd = tl.split(tl.reshape(q, (BLOCK_M, D1P, D2P // 2, 2)))
+        byte = (even & 0xF) | ((odd & 0xF) << 4)
+        jb = tl.arange(0, D2P // 2)[None, None, :]
+        byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
+        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
+    else:
+        tl.store(q_row + col, q.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -126,11 +208,11 @@ def _fused_quantize_kernel(
         # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
         r2 = tl.arange(0, D2P)
         p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
-        xp2 = tl.dot(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), input_precision=KRON_PRECISION)
+        xp2 = _dot_f32(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), KRON_PRECISION)
         xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
         r1 = tl.arange(0, D1P)
         p1 = tl.load(p1_ptr + r1[:, None] * D1 + r1[None, :], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
-        y_t = tl.dot(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), input_precision=KRON_PRECISION)
+        y_t = _dot_f32(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), KRON_PRECISION)
         x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
 
     if HAS_GATE:
@@ -138,29 +220,57 @@ def _fused_quantize_kernel(
         g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         g_u = tl.load(gate_u_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         x = x * tl.where(masked[:, None, None], g_m, g_u)
-    x = tl.where(ok, x, 0.0)  # padding is 0 after every stage; make sure, so it cannot move lo/hi
+    _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, stride_qm,
+                    D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, BLOCK_M)
 
-    lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
-    hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
-    scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
-    scale = tl.where(scale > 0, scale, 1.0)
-    zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
-    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
 
-    scale_tile = tl.broadcast_to(scale[:, None, None], (BLOCK_M, D1P, D2P))
-    q = tl.floor(tl.math.div_rn(x, scale_tile) + 0.5) + zero[:, None, None]
-    q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
-    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
-    if PACK:
-        q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
-        even, odd = tl.split(tl.reshape(q, (BLOCK_M, D1P, D2P // 2, 2)))
-        byte = (even & 0xF) | ((odd & 0xF) << 4)
-        jb = tl.arange(0, D2P // 2)[None, None, :]
-        byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
-        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
-    else:
-        tl.store(q_row + col, q.to(tl.int8), mask=ok)
+@triton.jit
+def _token_kron_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
+    is_masked_ptr, gate_m_ptr, gate_u_ptr,
+    M, stride_xm, stride_qm, eps,
+    K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
+    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+):
+    """``_fused_quantize_kernel`` for one token a program, with a Kronecker stage whose padded
+    tile is too large for that kernel's [BLOCK_M, D1P, D2P] layout (the MLP down sites: 96 x 128
+    at LLaDA-8B). The token is a [D1P, D2P] tile and ``Y = P1ᵀ (X P2)`` two plain 2-D dots, with
+    no transposes; the factors are re-read by every program (from L2)."""
+    t = tl.program_id(0)
+    i = tl.arange(0, D1P)[:, None]
+    j = tl.arange(0, D2P)[None, :]
+    col = i * D2 + j
+    col_ok = (i < D1) & (j < D2)
+    x = tl.load(x_ptr + t.to(tl.int64) * stride_xm + col, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        ms = tl.math.div_rn(tl.sum(tl.sum(x * x, axis=1), axis=0), K * 1.0) + eps
+        rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms))
+        norm_w = x  # unused without a norm weight
+        if HAS_NORM_WEIGHT:
+            norm_w = tl.load(norm_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
+    if HAS_SMOOTH:
+        x = x * tl.load(inv_smooth_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    # padding rows/columns of the factors are zero
+    r2 = tl.arange(0, D2P)
+    p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
+    r1 = tl.arange(0, D1P)
+    p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
+    # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down site)
+    xp2 = _dot_f32(x, p2.to(tl.float32), KRON_PRECISION, X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH))
+    x = _dot_f32(p1t.to(tl.float32), xp2, KRON_PRECISION)
+    if HAS_GATE:
+        masked = tl.load(is_masked_ptr + t) != 0
+        g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        g_u = tl.load(gate_u_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        x = x * tl.where(masked, g_m, g_u)
+    rows = t + tl.arange(0, 1)
+    row_ok = rows < M
+    _quantize_store(x[None, :, :], rows, row_ok, i[None, :, :], j[None, :, :], row_ok[:, None, None] & col_ok[None, :, :],
+                    q_ptr, scale_ptr, zero_ptr, stride_qm, D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, 1)
 
 
 @triton.jit
@@ -211,14 +321,22 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
     return out
 
 
-# The Kronecker stage holds a token's padded [D1P, D2P] matrix and both factors in one program
-# (the dots stage them through shared memory): up to 64 x 128 float32 (LLaDA's and Dream's hidden
-# sizes: 64 x 64). Larger ones (the MLP down sites: 96 x 128, 128 x 148) fall back to PyTorch for
-# the float stages; see the report in the module docstring.
+# The Kronecker stage of ``_fused_quantize_kernel`` holds a few tokens' padded [D1P, D2P] matrices
+# and both factors in one program (the dots stage them through shared memory): up to 64 x 128
+# float32 (LLaDA's and Dream's hidden sizes: 64 x 64). Up to MAX_TOKEN_KRON_TILE (LLaDA-8B's MLP
+# down site, 96 x 128 padded to 128 x 128) ``_token_kron_quantize_kernel`` takes one token a
+# program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 255 registers and ~100 bytes of
+# spills (4 and 16 warps spill kilobytes and ran 2-3x slower). Larger ones (Dream-7B's down site,
+# 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) run the float
+# stages as PyTorch ops.
 MAX_FUSED_KRON_TILE = 8192
+MAX_TOKEN_KRON_TILE = 16384
+TOKEN_KRON_WARPS = 8
 
-# tl.dot precision of the Kronecker stage (float32 operands).
-KRON_PRECISION = "tf32x3"
+# _dot_f32's precision for the Kronecker stage (float32 operands; see there). H200, 1024 tokens,
+# against tf32x3 (benchmarks/explore/quantize_sites.py, down_site.py): LLaDA-8B q/k/v 35 / 38 µs,
+# o (after TAC) 45 / 64, down 164 / 252 (one token a program; 256 as PyTorch FFMA + kernel).
+KRON_PRECISION = "bf16x3"
 
 
 def _kron_tile(d1: int, d2: int) -> int:
@@ -226,13 +344,16 @@ def _kron_tile(d1: int, d2: int) -> int:
 
 
 def _quantize_tile(spec, m: int) -> tuple[int, int, int, int, int]:
-    """(d1, d2, D1P, D2P, BLOCK_M): the token tile and how many tokens a program takes."""
+    """(d1, d2, D1P, D2P, BLOCK_M): the token tile and how many tokens a program takes (one for
+    a Kronecker tile above MAX_FUSED_KRON_TILE: ``_token_kron_quantize_kernel``)."""
     if spec.kron is not None:
         d1, d2 = spec.kron
         # tl.dot wants every dimension >= 16
         d1p, d2p = max(16, triton.next_power_of_2(d1)), max(16, triton.next_power_of_2(d2))
+        if d1p * d2p > MAX_TOKEN_KRON_TILE:
+            raise ValueError(f"Kronecker factors {spec.kron} are too large for the fused kernels")
         if d1p * d2p > MAX_FUSED_KRON_TILE:
-            raise ValueError(f"Kronecker factors {spec.kron} are too large for the fused kernel")
+            return d1, d2, d1p, d2p, 1
     else:
         d1, d2 = 1, spec.features
         d1p, d2p = 1, max(2, triton.next_power_of_2(d2))
@@ -262,7 +383,7 @@ def fused_quantize_triton(
         z = tac_affine_triton(x.reshape(-1, k).contiguous(), tac_m, tac_d).view(*lead, k)
         return fused_quantize_triton(z, bits, inv_smooth=inv_smooth, p1=p1, p2=p2, is_masked=is_masked,
                                      gate_masked=gate_masked, gate_unmasked=gate_unmasked, pack=pack)
-    if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE:
+    if spec.kron is not None and _kron_tile(*spec.kron) > MAX_TOKEN_KRON_TILE:
         # Too large for one program's registers and shared memory: the float stages run as
         # PyTorch ops, the kernel gates, quantizes and packs. (A two-kernel path, X P2 as a tiled
         # GEMM then P1ᵀ with the quantizer, was no faster on the H200: 250-330 µs against 256 at
@@ -289,9 +410,15 @@ def fused_quantize_triton(
             state = is_masked.reshape(-1).contiguous().view(torch.uint8)
         d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        extra = {} if INTERPRET else {"num_warps": _quantize_warps(block_m * d1p * d2p), "enable_fp_fusion": False}
+        by_token = spec.kron is not None and d1p * d2p > MAX_FUSED_KRON_TILE
+        warps = TOKEN_KRON_WARPS if by_token else _quantize_warps(block_m * d1p * d2p)
+        extra = {} if INTERPRET else {"num_warps": warps, "enable_fp_fusion": False}
+        if by_token:
+            kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
+        else:
+            kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
         with _device_of(x2):
-            _fused_quantize_kernel[(triton.cdiv(m, block_m),)](
+            kernel[(triton.cdiv(m, block_m),)](
                 x2, q, scale, zero,
                 arg(norm_weight), arg(inv_smooth), arg(p1), arg(p2),
                 state, arg(gate_masked), arg(gate_unmasked),
@@ -299,8 +426,7 @@ def fused_quantize_triton(
                 K=k, D1=d1, D2=d2, D1P=d1p, D2P=d2p,
                 QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
                 HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight,
-                HAS_SMOOTH=spec.smooth, HAS_KRON=spec.kron is not None, HAS_GATE=spec.gate,
-                BLOCK_M=block_m, KRON_PRECISION=KRON_PRECISION, **extra,
+                HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate, KRON_PRECISION=KRON_PRECISION, **tile, **extra,
             )
     return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
 
@@ -793,7 +919,8 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _fused_quantize_kernel, _tac_affine_kernel, _a_planes, _k_planes, _epilogue_tile,
+    kernels = (_normalised, _bf16_rounded, _bf16_dot, _dot_f32, _quantize_store, _fused_quantize_kernel,
+               _token_kron_quantize_kernel, _tac_affine_kernel, _a_planes, _k_planes, _epilogue_tile,
                _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes, _w4_weight_tile,
                _w4_linear_kernel_body)
     sources = {}

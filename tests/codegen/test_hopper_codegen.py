@@ -69,6 +69,19 @@ def test_fused_quantize_kron_on_tensor_cores_without_spills():
     spec = FusedQuantizeSpec(4096, 4, rms_norm=True, kron=(64, 64), gate=True)
     r = hopper_codegen.quantize_variant(spec)
     print(r.row())
-    assert r.uses_wgmma  # tf32x3 dots: HGMMA (the "ieee" FMA path spills ~10 KB)
+    assert r.uses_wgmma  # bf16x3 dots: HGMMA (the "ieee" FMA path spills ~10 KB)
     assert r.spill_bytes == 0
+    assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
+
+
+def test_fused_quantize_one_token_a_program_on_tensor_cores():
+    # LLaDA-8B's MLP down site: 96 x 128 Kronecker padded to 128 x 128, one token a program.
+    # ~100 bytes of spills at 8 warps (255 registers); 4 and 16 warps spill kilobytes and ran
+    # 2-3x slower on the H200 (benchmarks/results/explore-down-site-h200.json).
+    spec = FusedQuantizeSpec(12288, 4, kron=(96, 128), gate=True, pack=False)
+    r = hopper_codegen.quantize_variant(spec, m=1024)
+    print(r.row())
+    assert "tile=1x128x128" in r.name
+    assert r.uses_wgmma
+    assert r.spill_bytes <= 256
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED

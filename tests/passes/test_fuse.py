@@ -157,7 +157,7 @@ def test_shared_norm_output_is_left_alone():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_fused_graph_on_cuda_runs_the_kernels_as_accurately(arch):
-    # On CUDA both graphs run Triton kernels (the fused ones: tf32x3 Kronecker, packed GEMM), so
+    # On CUDA both graphs run Triton kernels (the fused ones: bf16x3 Kronecker, packed GEMM), so
     # they differ at rounding ties; against the float model they must be equally accurate.
     overrides = {"n_layers": LAYERS} if arch == "llada" else {"num_hidden_layers": LAYERS}
     model = tiny_model(arch, **overrides).cuda()
