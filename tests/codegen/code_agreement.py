@@ -19,16 +19,15 @@ dots by ≈ 2.3e-5 of the magnitude of their terms. Required:
 
 from __future__ import annotations
 
-
 from stq_compiler import fused_ops, ops
 
 SCALE_RTOL = 5e-5
 
 
-def reference_values(x, bits=None, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
-                     p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None, pack=None):
+def reference_values(x, norm_weight=None, rms_eps=None, tac_m=None, tac_d=None, inv_smooth=None,
+                     p1=None, p2=None, is_masked=None, gate_masked=None, gate_unmasked=None):
     """The reference's float32 values just before rounding (stages 1-4, then the state gate),
-    [tokens, K]; takes ``fused_quantize``'s arguments."""
+    [tokens, K]; takes ``fused_quantize``'s keyword arguments."""
     h = fused_ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
     if gate_masked is not None:
         h = h * ops.state_gate(is_masked, gate_masked, gate_unmasked, h.shape)
