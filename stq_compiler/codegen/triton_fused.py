@@ -94,7 +94,8 @@ def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexp
 def _bf16_rounded(x):
     """float32 -> the nearest bfloat16 value (ties to even), still float32. By integer arithmetic:
     the interpreter's own conversion truncates. (Infinities stay; a NaN may round to a zero, and
-    ``_dot_f32`` then carries it in the lo part.)"""
+    ``_dot_f32`` then carries it in the lo part.) Not ``_bfloat16_bits_rne``: its NaN select
+    raised the down-site kernel's register spills from 316 to 508 bytes (sm_90a, ptxas)."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
