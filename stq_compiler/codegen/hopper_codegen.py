@@ -35,6 +35,7 @@ class KernelResources:
     async_copies: int  # asynchronous global->shared copies in the TTGIR: > 0 when pipelined
     mma: list[str]  # matrix instructions in the SASS
     register_a: bool = False  # a wgmma reads its first operand from registers, not shared memory
+    wgmma_serialized: bool = False  # ptxas had to serialize the wgmmas (warning C7515)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -43,7 +44,7 @@ class KernelResources:
     def row(self) -> str:
         return (f"{self.name:<52} smem={self.shared_bytes:>7} regs={self.registers:>3} "
                 f"spill={self.spill_bytes:>5} async_copies={self.async_copies:>2} mma={','.join(self.mma) or '-'}"
-                f"{' A=regs' if self.register_a else ''}")
+                f"{' A=regs' if self.register_a else ''}{' SERIALIZED' if self.wgmma_serialized else ''}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +116,7 @@ def resources(compiled, name: str) -> KernelResources:
         async_copies=len(re.findall(r"async_copy_global_to_local|async_tma_copy", compiled.asm["ttgir"])),
         mma=sorted(set(re.findall(r"\b([A-Z]GMMA|[A-Z]MMA)\b", sass))),
         register_a=bool(re.search(r"warp_group_dot [^\n]*?\} : tensor<[^,>]*, #ttg\.dot_op<\{opIdx = 0", compiled.asm["ttgir"])),
+        wgmma_serialized="C7515" in info,
     )
 
 
@@ -138,6 +140,46 @@ def w4_gemm_variant(config, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResou
     kw = config.kwargs
     name = f"gemm w4 (int8 codes){' swiglu' if swiglu else ''} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
     return resources(compiled, name)
+
+
+def compile_gluon_sm90(kernel, signature: dict, constexprs: dict, num_warps: int):
+    """A Gluon kernel for sm_90a: ``signature`` maps every runtime argument to its type string
+    (``"*i8"``, ``"i32"``, ``"tensordesc<u8[128, 64],NVMMASharedLayout(...)>"``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = kernel.arg_names
+    signature, constants = dict(signature), {}
+    for name, value in {**constexprs, "num_warps": num_warps}.items():
+        if name in names:
+            signature[name], constants[(names.index(name),)] = "constexpr", value
+    source = GluonASTSource(kernel, {name: signature[name] for name in names}, constants, {})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+
+def w4_gluon_variant(config, residual: bool = True, bias: bool = False, m=4096, n=4096, k=4096) -> KernelResources:
+    """``gluon_w4._w4_gluon_kernel`` for one (BLOCK_N, BLOCK_M, STAGES, warps) configuration,
+    bfloat16 out."""
+    from triton.experimental.gluon import language as gl
+
+    from stq_compiler.codegen import gluon_w4
+
+    block_n, block_m, stages, warps = config
+    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, gluon_w4.BLOCK_K // 2], gl.uint8)
+    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, gluon_w4.BLOCK_K], gl.int8)
+    signature = {
+        "w_desc": f"tensordesc<u8[{block_n}, {gluon_w4.BLOCK_K // 2}],{w_layout!r}>",
+        "a_desc": f"tensordesc<i8[{block_m}, {gluon_w4.BLOCK_K}],{a_layout!r}>",
+        "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "w_sum_ptr": "*i32",
+        "bias_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16",
+        "M": "i32", "N": "i32", "K": "i32", "stride_rm": "i32", "stride_ym": "i32",
+    }
+    constexprs = {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "GROUP_N": gluon_w4.GROUP_N, "STAGES": stages,
+                  "EPI_M": gluon_w4.EPI_M}
+    compiled = compile_gluon_sm90(gluon_w4._w4_gluon_kernel, signature, constexprs, warps)
+    epilogue = "+".join(["bias"] * bias + ["residual"] * residual) or "plain"
+    return resources(compiled, f"gemm w4 gluon {epilogue} {block_n}x{block_m}x{gluon_w4.BLOCK_K} w{warps} s{stages}")
 
 
 def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResources:
@@ -242,6 +284,12 @@ def all_variants():
             if swiglu and not triton_fused.w4_swiglu_fits(config):
                 continue
             yield lambda c=config, s=swiglu: w4_gemm_variant(c, s)
+    from stq_compiler.codegen import gluon_w4
+
+    if gluon_w4.gluon is not None:
+        for config in gluon_w4.configs():
+            for residual, bias in ((True, False), (False, True)):
+                yield lambda c=config, r=residual, b=bias: w4_gluon_variant(c, r, b)
 
 
 def main() -> list[KernelResources]:

@@ -41,7 +41,9 @@ first operand, which Hopper's wgmma reads from registers; the activation tile go
 memory untouched. With the weight second (``_fused_linear_kernel``) the unpacked tile has to be
 stored to shared memory for wgmma, and that round trip halved the speed (H200: 780-815 TOP/s
 here against 360-380 there, ``benchmarks/explore/w4_gemm_swapped.py``). The same epilogue, on the
-transposed tile.
+transposed tile. On Hopper, where TMA can read the operands, ``_launch_w4`` runs its Gluon twin
+instead (``gluon_w4.py``: the same bits, the MMA kept in flight while the next tile unpacks,
+which Triton's pipeliner does not do with an int32 accumulator; 1.2-1.5x faster).
 
 Under ``TRITON_INTERPRET=1`` (read at import) both run on CPU tensors with one large-block
 configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.
@@ -580,6 +582,22 @@ def _fused_linear_kernel_body(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
+# Packed bytes -> (low-nibble codes, high-nibble codes) as int8, four bytes a 32-bit register
+# (see _nibble_planes); also run by the Gluon kernel (gluon_w4.py). A constexpr: kernels read it.
+SWAR_NIBBLES_ASM = tl.constexpr("""{
+            .reg .b32 t, u;
+            and.b32 t, $2, 0x0f0f0f0f;
+            xor.b32 t, t, 0x88888888;
+            sub.u32 t, t, 0x08080808;
+            xor.b32 $0, t, 0x80808080;
+            shr.u32 u, $2, 4;
+            and.b32 u, u, 0x0f0f0f0f;
+            xor.b32 u, u, 0x88888888;
+            sub.u32 u, u, 0x08080808;
+            xor.b32 $1, u, 0x80808080;
+            }""")
+
+
 @triton.jit
 def _nibble_planes(wb, SWAR: tl.constexpr):
     """Packed bytes (uint8) -> (low-nibble codes, high-nibble codes), int8 in [-8, 7].
@@ -591,18 +609,7 @@ def _nibble_planes(wb, SWAR: tl.constexpr):
     (``benchmarks/explore/w4_gemm_swapped.py``). The interpreter cannot run PTX: plain shifts."""
     if SWAR:
         lo, hi = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, u;
-            and.b32 t, $2, 0x0f0f0f0f;
-            xor.b32 t, t, 0x88888888;
-            sub.u32 t, t, 0x08080808;
-            xor.b32 $0, t, 0x80808080;
-            shr.u32 u, $2, 4;
-            and.b32 u, u, 0x0f0f0f0f;
-            xor.b32 u, u, 0x88888888;
-            sub.u32 u, u, 0x08080808;
-            xor.b32 $1, u, 0x80808080;
-            }""",
+            asm=SWAR_NIBBLES_ASM,
             constraints="=r,=r,r",
             args=[wb],
             dtype=(tl.int8, tl.int8),
@@ -872,9 +879,20 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
 
 def _launch_w4(args, flags, grid, config) -> None:
     """The transposed W4 kernel for a packed weight and int8 activation codes (W4A4 with the
-    activation codes one a byte, W4A8)."""
+    activation codes one a byte, W4A8): on Hopper, when TMA can read the operands and no
+    ``config`` is forced, the Gluon kernel (``gluon_w4``), which keeps the MMA in flight while it
+    unpacks the next tile; else ``_w4_linear_kernel``."""
     (a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg, m, n, k, kb,
      stride_am, _, stride_bn, _, stride_rm, stride_ym) = args
+    if config is None and not INTERPRET:
+        from stq_compiler.codegen import gluon_w4
+
+        if gluon_w4.supports(a, wq, flags["SWIGLU"]):
+            with _device_of(a):
+                gluon_w4.w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum,
+                                         bias_arg if flags["HAS_BIAS"] else None,
+                                         res_arg if flags["HAS_RESIDUAL"] else None, y_arg, k)
+            return
     w4_args = (a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg, m, n, k, kb,
                stride_am, stride_bn, stride_rm, stride_ym)
     w4_flags = {key: flags[key] for key in ("HAS_BIAS", "SWIGLU", "HAS_RESIDUAL", "BF16_BITS")}

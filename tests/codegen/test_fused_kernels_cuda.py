@@ -252,6 +252,26 @@ def test_fused_linear_every_config_is_exact(mode, swiglu):
         assert ok
 
 
+def _reference_and_tolerance(args, w, k, epilogue):
+    """The reference output of ``fused_linear(*args)`` (on the GPU: float64 integer matmul,
+    float32 epilogue) and a per-element bound on a kernel's distance from it: float32 epilogue
+    rounding (relative 1e-6, 1e-5 through SwiGLU) on the magnitudes involved, plus the bfloat16
+    output's rounding."""
+    xq, x_scale, x_zero, _, _, _, bias, residual = args[:8]
+    y_ref = fused_ops.fused_linear_reference(*args)
+    out_n = y_ref.shape[-1]
+    lin = (_exact_acc(fused_ops.codes_of(xq, k), x_zero, w.q, w.w_sum) * x_scale.double() * w.scale.double()).abs()
+    if bias is not None:
+        lin = lin + bias.double().abs()
+    if epilogue == "swiglu":
+        magnitude, rel = lin[:, :out_n] * lin[:, out_n:] + lin[:, out_n:], 1e-5
+    elif epilogue == "residual":
+        magnitude, rel = lin + residual.double().abs(), 1e-6
+    else:
+        magnitude, rel = lin, 1e-6
+    return y_ref, (rel + torch.finfo(torch.bfloat16).eps) * magnitude + torch.finfo(torch.bfloat16).tiny
+
+
 EPI_CASES = [(name, k, n, epi, bias, m) for name, k, n, epi, bias in LINEARS for m in (7, 1024)]
 # through the autotuner (the others run one fixed configuration): a few keys, each tunes in seconds
 AUTOTUNED = {("llada-gate_up", 1024), ("llada-down", 1024), ("dream-qkv", 7)}
@@ -273,17 +293,7 @@ def test_fused_linear_epilogue(name, k, n, epilogue, has_bias, m, mode):
     args = (xq, x_scale, x_zero, pw.q, pw.scale, pw.w_sum, bias, residual, epilogue == "swiglu", torch.bfloat16)
     autotuned = (name, m) in AUTOTUNED
     y = triton_fused.fused_linear_triton(*args, config=None if autotuned else _fixed_config(m, mode))
-    y_ref = fused_ops.fused_linear_reference(*args)  # on the GPU: float64 integer matmul, float32 epilogue
-    lin = (_exact_acc(fused_ops.codes_of(xq, k), x_zero, w.q, w.w_sum) * x_scale.double() * w.scale.double()).abs()
-    if bias is not None:
-        lin = lin + bias.double().abs()
-    if epilogue == "swiglu":
-        magnitude, rel = lin[:, :out_n] * lin[:, out_n:] + lin[:, out_n:], 1e-5
-    elif epilogue == "residual":
-        magnitude, rel = lin + residual.double().abs(), 1e-6
-    else:
-        magnitude, rel = lin, 1e-6
-    tol = (rel + torch.finfo(torch.bfloat16).eps) * magnitude + torch.finfo(torch.bfloat16).tiny
+    y_ref, tol = _reference_and_tolerance(args, w, k, epilogue)
     diff = (y.double() - y_ref.double()).abs()
     ok = bool((diff <= tol).all()) and y.shape == y_ref.shape
     report("fused_linear", f"{name} M={m} K={k} N={n} {mode} {epilogue}{' autotuned' if autotuned else ''}", ok,
@@ -331,3 +341,95 @@ def test_ops_dispatch_to_fused_kernels(monkeypatch):
     ok = torch.equal(y, y_compiled)
     report("dispatch", "torch.ops.stq.fused_* eager+compile M=17", ok)
     assert ok
+
+
+# ----------------------------------------------------------------------------------------------
+# The Gluon W4 kernel (codegen/gluon_w4.py): what fused_linear runs on Hopper for a packed weight
+# with int8 activation codes, wherever TMA can read the operands
+
+GLUON_LINEARS = [(name, k, n, epi, bias) for name, k, n, epi, bias in LINEARS if epi != "swiglu"]
+GLUON_INT_CASES = [
+    *[(name, k, n, m) for name, k, n, _, _ in GLUON_LINEARS for m in (64, 1024, 4096)],
+    ("awkward", 1024 + 32, 1000, 300),  # K not a multiple of the 128-code step, N and M not of their tiles
+    ("awkward", 96, 72, 65),  # K shorter than one step
+]
+
+
+def _gluon_supported():
+    from stq_compiler.codegen import gluon_w4
+
+    a = torch.zeros(64, 128, dtype=torch.int8, device=DEV)
+    return gluon_w4.supports(a, torch.zeros(8, 64, dtype=torch.uint8, device=DEV), False)
+
+
+needs_gluon = pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_supported(),
+                                 reason="the Gluon W4 kernel needs Hopper and Gluon")
+
+
+@needs_gluon
+@pytest.mark.parametrize("name,k,n,m", GLUON_INT_CASES, ids=[f"{c[0]}-K{c[1]}-N{c[2]}-M{c[3]}" for c in GLUON_INT_CASES])
+def test_w4_gluon_integer_part_is_exact(name, k, n, m):
+    from stq_compiler.codegen import gluon_w4
+
+    for a_bits in (4, 8):  # W4A4 (codes one a byte) and W4A8
+        xq, wq, x_store, w_store, x_zero, w_sum = _codes(m, n, k, a_bits, 4, False, seed=m + k + n + a_bits)
+        want = _exact_acc(xq, x_zero, wq, w_sum).to(torch.int32).float()
+        ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
+        assert gluon_w4.supports(x_store, w_store, False)
+        for config in gluon_w4.configs():
+            y = torch.empty(m, n, device=DEV)
+            gluon_w4.w4_linear_gluon(x_store, w_store, ones_m, x_zero.reshape(-1), ones_n, w_sum, None, None, y, k, config)
+            ok = torch.equal(y, want)
+            report("w4 gluon", f"{name} M={m} K={k} N={n} A{a_bits} {'x'.join(map(str, config))} int", ok,
+                   max_abs_diff=(y - want).abs().max().item())
+            assert ok
+
+
+@needs_gluon
+@pytest.mark.parametrize("name,k,n,epilogue,has_bias", GLUON_LINEARS, ids=[c[0] for c in GLUON_LINEARS])
+def test_w4_gluon_epilogue_gives_the_triton_kernels_bits(name, k, n, epilogue, has_bias):
+    # real scales (activations quantized per token, weights per channel), bias, residual, bf16
+    # out: the Gluon kernel runs _epilogue_tile's operations in its order, so the bits must be
+    # the Triton kernel's, and within the reference's float32 tolerance
+    m = 1024
+    x = _activation(m, k, seed=m * 7 + k)
+    gen = _gen(n + k)
+    w = ops.quantize_weight(torch.randn(n, k, device=DEV, generator=gen) * 0.02, bits=4)
+    pw = fused_ops.pack_weight(w)
+    bias = (torch.randn(n, device=DEV, generator=gen) * 0.1).bfloat16() if has_bias else None
+    residual = torch.randn(m, n, device=DEV, generator=gen).bfloat16() if epilogue == "residual" else None
+    xq, x_scale, x_zero = triton_fused.fused_quantize_triton(x, 4, pack=False)
+    args = (xq, x_scale, x_zero, pw.q, pw.scale, pw.w_sum, bias, residual, False, torch.bfloat16)
+    y = triton_fused.fused_linear_triton(*args)  # no config: the Gluon kernel
+    y_triton = triton_fused.fused_linear_triton(*args, config=_fixed_config(m, "w4a4-bytes"))
+    y_ref, tol = _reference_and_tolerance(args, w, k, epilogue)
+    diff = (y.double() - y_ref.double()).abs()
+    ok = torch.equal(y, y_triton) and bool((diff <= tol).all())
+    report("w4 gluon", f"{name} M={m} K={k} N={n} {epilogue}", ok, max_abs_diff=diff.max().item(),
+           differing_from_triton=int((y != y_triton).sum()))
+    assert ok
+
+
+@needs_gluon
+def test_fused_linear_runs_the_gluon_kernel_where_tma_can_read(monkeypatch):
+    from stq_compiler.codegen import gluon_w4
+
+    calls = []
+    launch = gluon_w4.w4_linear_gluon
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape)
+        return launch(*a, **kw)
+
+    monkeypatch.setattr(gluon_w4, "w4_linear_gluon", counting)
+    for m, k, expected in ((1024, 4096, True), (7, 4096, False), (300, 1036, False)):  # 518-byte rows: no TMA
+        _, _, x_store, w_store, x_zero, w_sum = _codes(m, 256, k, 4, 4, False, seed=5)
+        calls.clear()
+        y = triton_fused.fused_linear_triton(x_store, torch.ones(m, 1, device=DEV), x_zero, w_store,
+                                             torch.ones(256, device=DEV), w_sum, None, None, False, torch.float32)
+        want = triton_fused.fused_linear_triton(x_store, torch.ones(m, 1, device=DEV), x_zero, w_store,
+                                                torch.ones(256, device=DEV), w_sum, None, None, False, torch.float32,
+                                                config=_fixed_config(m, "w4a4-bytes"))
+        ok = bool(calls) == expected and torch.equal(y, want)
+        report("w4 gluon", f"dispatch M={m} K={k} gluon={bool(calls)}", ok)
+        assert ok

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from stq_compiler.codegen import hopper_codegen, triton_fused
+from stq_compiler.codegen import gluon_w4, hopper_codegen, triton_fused
 from stq_compiler.fused_ops import FusedQuantizeSpec
 
 pytestmark = [
@@ -62,6 +62,22 @@ def test_every_w4_configuration_compiles_without_spills():
                 continue
             r = hopper_codegen.w4_gemm_variant(c, swiglu)
             assert r.spill_bytes == 0 and r.uses_wgmma, r.row()
+
+
+@pytest.mark.skipif(gluon_w4.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("residual,bias", [(True, False), (False, True), (False, False)], ids=["residual", "bias", "plain"])
+@pytest.mark.parametrize("config", gluon_w4.configs(), ids=lambda c: "x".join(map(str, c)))
+def test_w4_gluon_gemm_keeps_wgmma_in_flight_without_spills(config, residual, bias):
+    # the point of the Gluon kernel: the register-operand wgmma stays asynchronous; ptxas
+    # serializing it (C7515) or the epilogue spilling would undo that silently
+    r = hopper_codegen.w4_gluon_variant(config, residual, bias)
+    print(r.row())
+    assert r.uses_wgmma and "IGMMA" in r.mma
+    assert r.register_a
+    assert not r.wgmma_serialized
+    assert r.async_copies > 0  # TMA loads
+    assert r.spill_bytes == 0
+    assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
 def test_fused_quantize_kron_on_tensor_cores_without_spills():

@@ -1,0 +1,215 @@
+"""The W4 GEMM on Hopper in Gluon: packed 4-bit weight x int8 activation codes, int32
+accumulation, the ``stq::fused_linear`` epilogue (zero-point correction, scales, bias, residual).
+
+This is what ``fused_linear`` runs on a Hopper GPU for a packed weight with int8 activation codes
+(W4A4 with the codes one a byte, as the fusion pass emits them, and W4A8), wherever TMA can read
+the operands (``supports``). It computes ``Yᵀ = W Xᵀ`` like ``triton_fused._w4_linear_kernel``,
+its Triton twin (which runs everywhere else, and under the interpreter on CPU), with the same
+arithmetic: the integer part is exact and the float epilogue runs the same operations in the same
+order, so both give the same bits.
+
+Why Gluon: the weight tile is unpacked in registers and is the wgmma's register operand. Triton's
+Hopper pipeliner keeps such a dot asynchronous only when its accumulator is float32 (rule 2.1 of
+``WGMMAPipeline.cpp``); with our int32 accumulator it waits for every wgmma before unpacking the
+next tile, so the tensor cores idle while the ALUs unpack (H200: 740-860 TOP/s). Gluon issues
+``warpgroup_mma(is_async=True)`` and waits explicitly: step i's MMA runs while step i + 1's tile
+is unpacked, and the kernel runs at 1100-1370 TOP/s, fp8 ``torch._scaled_mm``'s rate
+(``benchmarks/explore/w4_gemm_gluon.py``, ``results/explore-w4-gluon-h200.json``).
+
+Pipeline: ``STAGES`` shared-memory slots per operand, filled by TMA (rows past M or N and codes
+past K read as zeros, so edges need no masks until the store); one mbarrier a slot. Step i waits
+for its slot, loads the packed tile into registers, unpacks it (four bytes a register,
+``triton_fused.SWAR_NIBBLES_ASM``) and joins the nibble planes back into K order, in the register
+layout of the MMA's first operand (Gluon infers the byte layout from that, ``AutoLayout``), issues
+the MMA, waits until only that one is in flight, and refills the slot step i - 1 used. Step 0 runs
+before the loop: an accumulator that could reach the end of a zero-trip loop still holding
+``gl.zeros``' plain moves makes ptxas serialize every wgmma (warning C7515).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from stq_compiler.codegen.triton_fused import SWAR_NIBBLES_ASM
+
+try:  # Gluon is experimental: present in Triton 3.5+
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - an older Triton: the Triton kernel runs instead
+    gluon = None
+
+BLOCK_K = 128  # codes a K step (64 bytes of the packed weight)
+MIN_TOKENS = 64  # fewer tokens: the Triton kernel's narrow row tiles fit better
+GROUP_N = 8
+EPI_M = 64  # tokens an epilogue chunk
+
+
+def configs() -> list[tuple[int, int, int, int]]:
+    """(BLOCK_N weight rows, BLOCK_M tokens, STAGES, warps): what ``config_for`` picks from; the
+    H200 probe's fastest (``(128, 256, 4, 8)`` on every LLaDA-8B linear at 1024 and 4096 tokens)."""
+    return [(128, 256, 4, 8), (128, 128, 4, 4)]
+
+
+def config_for(m: int) -> tuple[int, int, int, int]:
+    return configs()[0] if m > 128 else configs()[1]
+
+
+def supports(a: torch.Tensor, wq: torch.Tensor, swiglu: bool) -> bool:
+    """Whether the Gluon kernel can run this GEMM: a Hopper GPU, int8 codes x packed weight, no
+    SwiGLU (two accumulators; the Triton kernel does it), enough tokens, and operands TMA can
+    address (16-byte aligned rows and base pointers)."""
+    if gluon is None or not a.is_cuda or swiglu:
+        return False
+    if a.dtype != torch.int8 or wq.dtype != torch.uint8 or a.shape[0] < MIN_TOKENS:
+        return False
+    if torch.cuda.get_device_capability(a.device)[0] != 9:
+        return False
+    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, wq))
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _nibbles(wb):
+        """uint8 bytes -> (low, high) nibbles as int8 in [-8, 7], four bytes a register."""
+        return gl.inline_asm_elementwise(asm=SWAR_NIBBLES_ASM, constraints="=r,=r,r", args=[wb],
+                                         dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+
+    @gluon.constexpr_function
+    def _warps_per_cta(rows, num_warps):
+        warps = [4, 1]  # a warpgroup covers 64 rows; more warps go along the rows first
+        while warps[0] * warps[1] != num_warps:
+            if rows > 16 * warps[0]:
+                warps[0] *= 2
+            else:
+                warps[1] *= 2
+        return warps
+
+    @gluon.constexpr_function
+    def _instr_n(rows, cols, num_warps):
+        """The wgmma's N: at most 224 for 8-bit integers, dividing the warp's share of the tile."""
+        n_reps = -(-num_warps // -(-rows // 16))
+        max_n = max(cols // n_reps, 8)
+        n = 128
+        while n > max_n or cols % n != 0:
+            n -= 8
+        return n
+
+    @gluon.jit
+    def _issue(w_desc, a_desc, w_smem, a_smem, ready, step, off_n, off_m, pred):
+        """TMA loads of K step ``step`` into its slot (``pred``: only steps inside K)."""
+        HALF: gl.constexpr = w_desc.block_type.shape[1]
+        slot = step % w_smem.shape[0]
+        bar = ready.index(slot)
+        mbarrier.expect(bar, w_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [off_n, step * HALF], bar, w_smem.index(slot), pred=pred)
+        tma.async_copy_global_to_shared(a_desc, [off_m, step * 2 * HALF], bar, a_smem.index(slot), pred=pred)
+
+    @gluon.jit
+    def _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs: gl.constexpr):
+        STAGES: gl.constexpr = w_smem.shape[0]
+        BLOCK_N: gl.constexpr = w_smem.shape[1]
+        HALF: gl.constexpr = w_smem.shape[2]
+        slot = i % STAGES
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        lo, hi = _nibbles(w_smem.index(slot).load(gl.AutoLayout()))
+        w = gl.set_auto_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, 2 * HALF]), w_regs)
+        acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        # step i - 1's MMA is done: refill its slot with step i + STAGES - 1
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        _issue(w_desc, a_desc, w_smem, a_smem, ready, i + STAGES - 1, off_n, off_m, i + STAGES - 1 < num_k)
+        return acc
+
+    @gluon.jit
+    def _w4_gluon_kernel(w_desc, a_desc, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, res_ptr, y_ptr,
+                         M, N, K, stride_rm, stride_ym,
+                         HAS_BIAS: gl.constexpr, HAS_RESIDUAL: gl.constexpr, GROUP_N: gl.constexpr,
+                         STAGES: gl.constexpr, EPI_M: gl.constexpr, num_warps: gl.constexpr):
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        HALF: gl.constexpr = w_desc.block_type.shape[1]
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        gl.static_assert(a_desc.block_type.shape[1] == 2 * HALF)
+
+        # grouped launch order: GROUP_N weight tiles share each activation tile while it is in L2
+        # (triton_rtn.grouped_tile)
+        pid = gl.program_id(0)
+        num_n = gl.cdiv(N, BLOCK_N)
+        per_group = GROUP_N * gl.cdiv(M, BLOCK_M)
+        first = (pid // per_group) * GROUP_N
+        group = gl.minimum(num_n - first, GROUP_N)
+        off_n = (first + (pid % per_group) % group) * BLOCK_N
+        off_m = ((pid % per_group) // group) * BLOCK_M
+
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, HALF], w_desc.layout)
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, 2 * HALF], a_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(STAGES):
+            mbarrier.init(ready.index(slot), count=1)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_N, num_warps),
+            instr_shape=[16, _instr_n(BLOCK_N, BLOCK_M, num_warps), 32])
+        w_regs: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+
+        num_k = gl.cdiv(K, 2 * HALF)  # >= 1
+        for pre in gl.static_range(STAGES - 1):
+            _issue(w_desc, a_desc, w_smem, a_smem, ready, pre, off_n, off_m, pre < num_k)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
+        acc = _step(0, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs)
+        for i in range(1, num_k):
+            acc = _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for slot in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(slot))
+
+        # epilogue in column chunks of EPI_M tokens, read back from shared memory with threads
+        # along n (the output's contiguous axis): the whole tile at once holds too many registers
+        # (a float32 copy and 64-bit pointers, 128 of each a thread at 128 x 256: spills)
+        acc_smem = gl.allocate_shared_memory(gl.int32, [BLOCK_N, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]))
+        acc_smem.store(acc)
+        out: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, num_warps], [0, 1])
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))
+        n_ok = offs_n < N
+        w_sum = gl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)
+        w_scale = gl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
+        for c in gl.static_range(BLOCK_M // EPI_M):
+            part = acc_smem.slice(c * EPI_M, EPI_M, dim=1).load(out)
+            offs_m = off_m + c * EPI_M + gl.arange(0, EPI_M, layout=gl.SliceLayout(0, out))
+            m_ok = offs_m < M
+            x_zero = gl.load(x_zero_ptr + offs_m, mask=m_ok, other=0)
+            x_scale = gl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0).to(gl.float32)
+            # the operations and their order are _epilogue_tile's: the Triton kernel's bits
+            part = part - x_zero[None, :] * w_sum[:, None]
+            y = part.to(gl.float32) * x_scale[None, :] * w_scale[:, None]  # (acc * x_scale) * w_scale
+            if HAS_BIAS:
+                y = y + bias[:, None]
+            ok = n_ok[:, None] & m_ok[None, :]
+            rows = offs_m.to(gl.int64)[None, :]
+            if HAS_RESIDUAL:
+                y = y + gl.load(res_ptr + rows * stride_rm + offs_n[:, None], mask=ok, other=0.0).to(gl.float32)
+            gl.store(y_ptr + rows * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k: int, config=None) -> None:
+    """``y[m, n] = epilogue(Σ_k a[m, k] · w[n, k])`` into ``y`` ([M, N], row stride any);
+    ``a`` int8 [M, K], ``wq`` packed uint8 [N, ceil(K/2)] (``supports`` must hold). ``x_scale``,
+    ``x_zero`` per token and ``w_scale``, ``w_sum`` per row, contiguous; ``bias`` [N] or None;
+    ``residual`` [M, N] (last stride 1) or None."""
+    m, n = a.shape[0], wq.shape[0]
+    block_n, block_m, stages, warps = config or config_for(m)
+    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K // 2], gl.uint8)
+    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.int8)
+    w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [block_n, BLOCK_K // 2], w_layout)
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, BLOCK_K], a_layout)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _w4_gluon_kernel[grid](
+        w_desc, a_desc, x_scale, x_zero, w_scale, w_sum,
+        bias if bias is not None else w_scale, residual if residual is not None else y, y,
+        m, n, k, residual.stride(0) if residual is not None else 0, y.stride(0),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GROUP_N=GROUP_N, STAGES=stages, EPI_M=EPI_M,
+        num_warps=warps, enable_fp_fusion=False,
+    )
