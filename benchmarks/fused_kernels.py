@@ -2,7 +2,10 @@
 
     python benchmarks/fused_kernels.py --out "$OUT/fused-kernels.json"
 
-GEMMs (TFLOP/s or TOP/s, 2·M·N·K over the median time of ``triton.testing.do_bench``), for
+GEMMs (TFLOP/s or TOP/s, 2·M·N·K over the median time of ``triton.testing.do_bench_cudagraph``:
+device time, as the model runs them under CUDA graphs; plain ``do_bench`` also times each
+launch's host work, which for the Gluon W4 kernel (TMA descriptors built in Python) exceeded a
+1024-token o_proj's 30 µs of GPU time), for
 M = 1024 and 4096 tokens and each linear of a LLaDA-8B block (q/k/v concatenated, o, gate/up
 concatenated, down):
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench_cudagraph
 
 from stq_compiler import fused_ops, ops
 from stq_compiler.codegen import triton_fused, triton_rtn
@@ -47,7 +50,7 @@ LINEARS = {  # name: (K, N)
 def bench_ms(fn) -> float:
     fn()  # compile / autotune outside the timing
     torch.cuda.synchronize()
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
 def gemm_rows(m: int, name: str, k: int, n: int) -> list[dict]:
