@@ -142,12 +142,14 @@ def inspect_command(args) -> int:
     if kinds:
         print(f"\nwrote {', '.join(sorted(kinds))} to {out}/graph_<n>*")
     if args.kernels:
-        from stq_compiler.codegen import triton_fused, triton_rtn
+        from stq_compiler.codegen import gluon_w4, triton_fused, triton_rtn
 
         kernel_dir = out / "kernels"
         written = 0
-        # the round-to-nearest kernels at the top, the fused ones (fused_quantize, fused_linear) in fused/
-        for folder, sources in ((kernel_dir, triton_rtn.kernel_sources()), (kernel_dir / "fused", triton_fused.kernel_sources())):
+        # the round-to-nearest kernels at the top, the fused ones (fused_quantize, fused_linear, and
+        # fused_linear's Gluon W4 kernel for Hopper) in fused/
+        fused = {**triton_fused.kernel_sources(), **gluon_w4.kernel_sources()}
+        for folder, sources in ((kernel_dir, triton_rtn.kernel_sources()), (kernel_dir / "fused", fused)):
             folder.mkdir(parents=True, exist_ok=True)
             for name, source in sources.items():
                 (folder / f"{name}.py").write_text(source)

@@ -137,9 +137,14 @@ def test_inspect_kernels_writes_each_kernel_source(tmp_path, capsys):
     assert main(["inspect", "--w-bits", "8", "--a-bits", "8", "--kernels", "--out", str(tmp_path)]) == 0
     for name, source in kernel_sources().items():
         assert (tmp_path / "kernels" / f"{name}.py").read_text() == source
-    from stq_compiler.codegen import triton_fused
+    from stq_compiler.codegen import gluon_w4, triton_fused
 
     for name, source in triton_fused.kernel_sources().items():
+        assert (tmp_path / "kernels" / "fused" / f"{name}.py").read_text() == source
+    gluon_sources = gluon_w4.kernel_sources()
+    if gluon_w4.gluon is not None:
+        assert "warpgroup_mma(" in gluon_sources["_step"]
+    for name, source in gluon_sources.items():
         assert (tmp_path / "kernels" / "fused" / f"{name}.py").read_text() == source
     assert not (tmp_path / "graph_0").exists()  # --kernels alone writes no graphs
 

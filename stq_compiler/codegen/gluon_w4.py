@@ -28,6 +28,11 @@ before the loop: an accumulator that could reach the end of a zero-trip loop sti
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import textwrap
+
 import torch
 import triton
 
@@ -49,12 +54,35 @@ EPI_M = 64  # tokens an epilogue chunk
 
 def configs() -> list[tuple[int, int, int, int]]:
     """(BLOCK_N weight rows, BLOCK_M tokens, STAGES, warps): what ``config_for`` picks from; the
-    H200 probe's fastest (``(128, 256, 4, 8)`` on every LLaDA-8B linear at 1024 and 4096 tokens)."""
+    H200 probe's fastest (``(128, 256, 4, 8)`` on every LLaDA-8B linear at 1024 and 4096 tokens;
+    ``(128, 128, 4, 4)`` as fast at o_proj's 1024 x 4096, 6 % slower at down_proj's)."""
     return [(128, 256, 4, 8), (128, 128, 4, 4)]
 
 
-def config_for(m: int) -> tuple[int, int, int, int]:
-    return configs()[0] if m > 128 else configs()[1]
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# A half-size tile's time relative to a large one's, each on its own multiprocessor: half the
+# work at about 88 % of the rate (H200, LLaDA-8B's linears at 1024 tokens:
+# results/explore-w4-gluon-tiles-h200.json).
+SMALL_TILE_TIME = 0.56
+
+
+def config_for(m: int, n: int, device_index: int) -> tuple[int, int, int, int]:
+    """The tile whose waves of programs end first: ``ceil(tiles / multiprocessors)`` times a
+    tile's time. The half-size tile wins where the large one leaves the last wave, or the only
+    one, half empty: o_proj and down_proj at 256 and 512 tokens (``generate``'s steps), q/k/v and
+    gate/up where their tile counts fall just past a wave. It picks the faster tile in all 12
+    cases of the probe above (LLaDA-8B's four linears at 256, 512 and 1024 tokens)."""
+    big, small = configs()
+    sms = _multiprocessors(device_index)
+
+    def time(config, tile_time):
+        return math.ceil(triton.cdiv(m, config[1]) * triton.cdiv(n, config[0]) / sms) * tile_time
+
+    return small if time(small, SMALL_TILE_TIME) < time(big, 1.0) else big
 
 
 def supports(a: torch.Tensor, wq: torch.Tensor, swiglu: bool) -> bool:
@@ -200,7 +228,7 @@ def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k
     ``x_zero`` per token and ``w_scale``, ``w_sum`` per row, contiguous; ``bias`` [N] or None;
     ``residual`` [M, N] (last stride 1) or None."""
     m, n = a.shape[0], wq.shape[0]
-    block_n, block_m, stages, warps = config or config_for(m)
+    block_n, block_m, stages, warps = config or config_for(m, n, a.device.index)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K // 2], gl.uint8)
     a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.int8)
     w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [block_n, BLOCK_K // 2], w_layout)
@@ -213,3 +241,10 @@ def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GROUP_N=GROUP_N, STAGES=stages, EPI_M=EPI_M,
         num_warps=warps, enable_fp_fusion=False,
     )
+
+
+def kernel_sources() -> dict[str, str]:
+    """The Gluon source of each function of the kernel, by name (for inspection and dumps)."""
+    if gluon is None:
+        return {}
+    return {fn.fn.__name__: textwrap.dedent(inspect.getsource(fn.fn)) for fn in (_nibbles, _issue, _step, _w4_gluon_kernel)}
