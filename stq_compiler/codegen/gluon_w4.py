@@ -13,8 +13,10 @@ Hopper pipeliner keeps such a dot asynchronous only when its accumulator is floa
 ``WGMMAPipeline.cpp``); with our int32 accumulator it waits for every wgmma before unpacking the
 next tile, so the tensor cores idle while the ALUs unpack (H200: 740-860 TOP/s). Gluon issues
 ``warpgroup_mma(is_async=True)`` and waits explicitly: step i's MMA runs while step i + 1's tile
-is unpacked, and the kernel runs at 1100-1370 TOP/s, fp8 ``torch._scaled_mm``'s rate
-(``benchmarks/explore/w4_gemm_gluon.py``, ``results/explore-w4-gluon-h200.json``).
+is unpacked, and this kernel runs at 980-1130 TOP/s, 81-92 % of fp8 ``torch._scaled_mm``'s rate
+(``benchmarks/fused_kernels.py``). Its probe (``benchmarks/explore/w4_gemm_gluon.py``), with the
+weight packed as the two K halves of each 128-code block so that the nibble planes need no join
+(about 230 byte permutes fewer a tile step in the SASS), reached 1090-1370.
 
 Pipeline: ``STAGES`` shared-memory slots per operand, filled by TMA (rows past M or N and codes
 past K read as zeros, so edges need no masks until the store); one mbarrier a slot. Step i waits
@@ -47,7 +49,7 @@ except ImportError:  # pragma: no cover - an older Triton: the Triton kernel run
     gluon = None
 
 BLOCK_K = 128  # codes a K step (64 bytes of the packed weight)
-MIN_TOKENS = 64  # fewer tokens: the Triton kernel's narrow row tiles fit better
+MIN_TOKENS = 64  # fewer tokens: the Triton kernel, whose 16- and 32-token row tiles suit them
 GROUP_N = 8
 EPI_M = 64  # tokens an epilogue chunk
 
@@ -118,7 +120,8 @@ if gluon is not None:
 
     @gluon.constexpr_function
     def _instr_n(rows, cols, num_warps):
-        """The wgmma's N: at most 224 for 8-bit integers, dividing the warp's share of the tile."""
+        """The wgmma's N (128 at most here; 224 is the 8-bit limit), dividing the warps' share
+        of the tile."""
         n_reps = -(-num_warps // -(-rows // 16))
         max_n = max(cols // n_reps, 8)
         n = 128

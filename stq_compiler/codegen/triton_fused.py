@@ -43,7 +43,7 @@ stored to shared memory for wgmma, and that round trip halved the speed (H200: 7
 here against 360-380 there, ``benchmarks/explore/w4_gemm_swapped.py``). The same epilogue, on the
 transposed tile. On Hopper, where TMA can read the operands, ``_launch_w4`` runs its Gluon twin
 instead (``gluon_w4.py``: the same bits, the MMA kept in flight while the next tile unpacks,
-which Triton's pipeliner does not do with an int32 accumulator; 1.2-1.5x faster).
+which Triton's pipeliner does not do with an int32 accumulator; about 1.3x faster).
 
 Under ``TRITON_INTERPRET=1`` (read at import) both run on CPU tensors with one large-block
 configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.

@@ -12,6 +12,10 @@ every case prints one ``[stq-cuda] ...`` line for the results record.
   matmul of the codes on the GPU, exact below 2**53) for every linear shape and operand mode
   (W4A4 packed, W8A8, W4A8), and every autotuning configuration at one awkward shape; the
   epilogues (bias, SwiGLU, residual) within a tolerance tied to float32 epilogue arithmetic.
+* the Gluon W4 kernel (``codegen/gluon_w4.py``, what ``fused_linear`` runs on Hopper for a packed
+  weight and int8 activation codes): its integer part exact with either tile, at the real plain and
+  residual linears and awkward shapes; its bf16 epilogue bit-identical to the Triton W4 kernel's;
+  ``fused_linear`` taking it exactly where TMA can read the operands.
 """
 
 from __future__ import annotations
