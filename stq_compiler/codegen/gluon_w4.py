@@ -16,7 +16,7 @@ next tile, so the tensor cores idle while the ALUs unpack (H200: 740-860 TOP/s).
 is unpacked, and this kernel runs at 980-1130 TOP/s, 81-92 % of fp8 ``torch._scaled_mm``'s rate
 (``benchmarks/fused_kernels.py``). Its probe (``benchmarks/explore/w4_gemm_gluon.py``), with the
 weight packed as the two K halves of each 128-code block so that the nibble planes need no join
-(about 230 byte permutes fewer a tile step in the SASS), reached 1090-1370.
+(its SASS has none of the joined kernel's 229 byte permutes), reached 1090-1370.
 
 Pipeline: ``STAGES`` shared-memory slots per operand, filled by TMA (rows past M or N and codes
 past K read as zeros, so edges need no masks until the store); one mbarrier a slot. Step i waits
