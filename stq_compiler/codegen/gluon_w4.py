@@ -66,6 +66,11 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int) -> bool:  # asked once a device, not every launch
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
 # A half-size tile's time relative to a large one's, each on its own multiprocessor: half the
 # work at about 88 % of the rate (H200, LLaDA-8B's linears at 1024 tokens:
 # results/explore-w4-gluon-tiles-h200.json).
@@ -95,7 +100,7 @@ def supports(a: torch.Tensor, wq: torch.Tensor, swiglu: bool) -> bool:
         return False
     if a.dtype != torch.int8 or wq.dtype != torch.uint8 or a.shape[0] < MIN_TOKENS:
         return False
-    if torch.cuda.get_device_capability(a.device)[0] != 9:
+    if not _is_hopper(a.device.index):
         return False
     return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, wq))
 
