@@ -34,6 +34,13 @@ int8 dot per plane (a contraction does not care in which order it visits k); wit
 activation codes it unpacks the weight and joins the planes back into K order, so the
 activation tile is used as it lies in memory. Padding codes are zero in the weight, so the
 padded k adds nothing whatever the activation holds there.
+
+Blocked 4-bit weight layout (``pack_int4_blocks``; a weight only, with int8 activation codes: what
+the fusion pass emits): ``torch.uint8`` [N, ceil(K/128), 64], K in blocks of 128 codes, byte ``j``
+of a block holding its code ``j`` in the low nibble and code ``j + 64`` in the high one (K padded
+with zero codes). Its nibble planes are the two K halves of a block, so the GEMM multiplies each
+with one half of the activation tile and joins nothing (on the H200 the join's byte permutes cost
+15-20 % of the W4 GEMM's time). The third dimension tells the layouts apart.
 """
 
 # torch.library.custom_op reads the signatures: Optional[...] as in stq_compiler.ops.
@@ -85,6 +92,31 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return codes[..., :k].to(torch.int8)
 
 
+BLOCK_CODES = 128  # codes a block of the blocked weight layout (64 bytes)
+
+
+def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] [N, K] -> uint8 [N, ceil(K/128), 64] (the blocked weight layout)."""
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise TypeError(f"pack_int4_blocks expects a 2-D int8 weight, got {codes.dtype} {tuple(codes.shape)}")
+    n, k = codes.shape
+    blocks = -(-k // BLOCK_CODES)
+    c = F.pad(codes.to(torch.int32), (0, blocks * BLOCK_CODES - k)).reshape(n, blocks, 2, BLOCK_CODES // 2)
+    return ((c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)).to(torch.uint8)
+
+
+def unpack_int4_blocks(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of ``pack_int4_blocks``: uint8 [N, ceil(k/128), 64] -> int8 codes [N, k]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 3 or packed.shape[2] != BLOCK_CODES // 2:
+        raise TypeError(f"unpack_int4_blocks expects uint8 [N, blocks, 64], got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != -(-k // BLOCK_CODES):
+        raise ValueError(f"unpack_int4_blocks: {packed.shape[1]} blocks of 128 codes cannot hold {k} codes")
+    b = packed.to(torch.int32)
+    lo = ((b & 0xF) ^ 8) - 8
+    hi = ((b >> 4) ^ 8) - 8
+    return torch.stack((lo, hi), dim=2).reshape(packed.shape[0], -1)[:, :k].to(torch.int8)
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A quantized weight in the GEMM's storage: ``q`` uint8 [N, ceil(K/2)] for 4 bits (int8 [N, K]
@@ -111,6 +143,11 @@ def pack_weight(w: QuantizedWeight) -> PackedWeight:
 def codes_of(q: torch.Tensor, k: int) -> torch.Tensor:
     """int8 codes [..., k] from either storage (int8 as is, uint8 packed)."""
     return unpack_int4(q, k) if q.dtype == torch.uint8 else q
+
+
+def weight_codes(wq: torch.Tensor, k: int) -> torch.Tensor:
+    """int8 codes [N, k] of a GEMM weight in any storage (int8, packed, blocked)."""
+    return unpack_int4_blocks(wq, k) if wq.dim() == 3 else codes_of(wq, k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,12 +346,19 @@ def _check_fused_linear_args(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, resi
     for t, what in ((xq, "activation"), (wq, "weight")):
         if t.dtype not in (torch.int8, torch.uint8):
             raise TypeError(f"stq.fused_linear: {what} codes must be int8 (one per byte) or uint8 (packed 4-bit), got {t.dtype}")
-    if wq.dim() != 2 or xq.dim() < 1:
-        raise ValueError(f"stq.fused_linear expects a 2-D weight, got shape {tuple(wq.shape)}")
+    if xq.dim() < 1 or not (wq.dim() == 2 or (wq.dim() == 3 and wq.dtype == torch.uint8)):
+        raise ValueError(f"stq.fused_linear expects a 2-D weight (or a 3-D blocked 4-bit one), got {wq.dtype} {tuple(wq.shape)}")
     n = wq.shape[0]
     k = linear_in_features(xq, wq)
+    if wq.dim() == 3:
+        if xq.dtype != torch.int8:
+            raise ValueError("stq.fused_linear: a blocked 4-bit weight needs int8 activation codes (pack=False)")
+        if wq.shape[1:] != (-(-k // BLOCK_CODES), BLOCK_CODES // 2):
+            raise ValueError(f"stq.fused_linear: blocked weight {tuple(wq.shape)} does not hold {k} input features "
+                             f"(expected [N, {-(-k // BLOCK_CODES)}, {BLOCK_CODES // 2}])")
+    pair_packed_weight = wq.dtype == torch.uint8 and wq.dim() == 2
     widths = {xq.shape[-1] if xq.dtype == torch.int8 else None, wq.shape[1] if wq.dtype == torch.int8 else None}
-    bytes_ = {xq.shape[-1] if xq.dtype == torch.uint8 else None, wq.shape[1] if wq.dtype == torch.uint8 else None}
+    bytes_ = {xq.shape[-1] if xq.dtype == torch.uint8 else None, wq.shape[1] if pair_packed_weight else None}
     widths.discard(None)
     bytes_.discard(None)
     if len(widths) > 1 or len(bytes_) > 1 or any(b != (k + 1) // 2 for b in bytes_):
@@ -352,7 +396,7 @@ def fused_linear_reference(
 ) -> torch.Tensor:
     """The definition of ``stq::fused_linear`` (see the module docstring)."""
     k = linear_in_features(xq, wq)
-    y = quantized_linear_reference(codes_of(xq, k), x_scale, x_zero, codes_of(wq, k), w_scale, w_sum, bias, torch.float32)
+    y = quantized_linear_reference(codes_of(xq, k), x_scale, x_zero, weight_codes(wq, k), w_scale, w_sum, bias, torch.float32)
     if swiglu:
         h = y.shape[-1] // 2
         y = F.silu(y[..., :h]) * y[..., h:]

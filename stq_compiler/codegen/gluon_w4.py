@@ -145,25 +145,35 @@ if gluon is not None:
         tma.async_copy_global_to_shared(a_desc, [off_m, step * 2 * HALF], bar, a_smem.index(slot), pred=pred)
 
     @gluon.jit
-    def _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs: gl.constexpr):
+    def _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs: gl.constexpr,
+              BLOCKED: gl.constexpr):
         STAGES: gl.constexpr = w_smem.shape[0]
         BLOCK_N: gl.constexpr = w_smem.shape[1]
         HALF: gl.constexpr = w_smem.shape[2]
         slot = i % STAGES
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        lo, hi = _nibbles(w_smem.index(slot).load(gl.AutoLayout()))
-        w = gl.set_auto_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, 2 * HALF]), w_regs)
-        acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        # step i - 1's MMA is done: refill its slot with step i + STAGES - 1
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        a = a_smem.index(slot)
+        if BLOCKED:
+            # the blocked layout (fused_ops.pack_int4_blocks): the nibble planes are the step's two
+            # K halves, already in the MMA's register layout; each meets its half of the tile
+            lo, hi = _nibbles(w_smem.index(slot).load(w_regs))
+            acc = warpgroup_mma(lo, a.slice(0, HALF, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(hi, a.slice(HALF, HALF, dim=1).permute((1, 0)), acc, is_async=True)
+            # step i - 1's MMAs are done: refill its slot with step i + STAGES - 1
+            acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
+        else:
+            lo, hi = _nibbles(w_smem.index(slot).load(gl.AutoLayout()))
+            w = gl.set_auto_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, 2 * HALF]), w_regs)
+            acc = warpgroup_mma(w, a.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         _issue(w_desc, a_desc, w_smem, a_smem, ready, i + STAGES - 1, off_n, off_m, i + STAGES - 1 < num_k)
         return acc
 
     @gluon.jit
     def _w4_gluon_kernel(w_desc, a_desc, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, res_ptr, y_ptr,
                          M, N, K, stride_rm, stride_ym,
-                         HAS_BIAS: gl.constexpr, HAS_RESIDUAL: gl.constexpr, GROUP_N: gl.constexpr,
-                         STAGES: gl.constexpr, EPI_M: gl.constexpr, num_warps: gl.constexpr):
+                         HAS_BIAS: gl.constexpr, HAS_RESIDUAL: gl.constexpr, BLOCKED: gl.constexpr,
+                         GROUP_N: gl.constexpr, STAGES: gl.constexpr, EPI_M: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         HALF: gl.constexpr = w_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -193,9 +203,9 @@ if gluon is not None:
         for pre in gl.static_range(STAGES - 1):
             _issue(w_desc, a_desc, w_smem, a_smem, ready, pre, off_n, off_m, pre < num_k)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
-        acc = _step(0, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs)
+        acc = _step(0, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs, BLOCKED)
         for i in range(1, num_k):
-            acc = _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs)
+            acc = _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs, BLOCKED)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for slot in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(slot))
@@ -230,9 +240,11 @@ if gluon is not None:
             gl.store(y_ptr + rows * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k: int, config=None) -> None:
+def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k: int, config=None,
+                    blocked: bool = False) -> None:
     """``y[m, n] = epilogue(Σ_k a[m, k] · w[n, k])`` into ``y`` ([M, N], row stride any);
-    ``a`` int8 [M, K], ``wq`` packed uint8 [N, ceil(K/2)] (``supports`` must hold). ``x_scale``,
+    ``a`` int8 [M, K], ``wq`` packed uint8 [N, ceil(K/2)], or with ``blocked`` the blocked layout
+    viewed as [N, 64·ceil(K/128)] (``supports`` must hold). ``x_scale``,
     ``x_zero`` per token and ``w_scale``, ``w_sum`` per row, contiguous; ``bias`` [N] or None;
     ``residual`` [M, N] (last stride 1) or None."""
     m, n = a.shape[0], wq.shape[0]
@@ -246,7 +258,8 @@ def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k
         w_desc, a_desc, x_scale, x_zero, w_scale, w_sum,
         bias if bias is not None else w_scale, residual if residual is not None else y, y,
         m, n, k, residual.stride(0) if residual is not None else 0, y.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GROUP_N=GROUP_N, STAGES=stages, EPI_M=EPI_M,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCKED=blocked, GROUP_N=GROUP_N,
+        STAGES=stages, EPI_M=EPI_M,
         num_warps=warps, enable_fp_fusion=False,
     )
 

@@ -124,8 +124,9 @@ def resources(compiled, name: str) -> KernelResources:
 # The fused kernels' variants
 
 
-def w4_gemm_variant(config, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResources:
-    """``_w4_linear_kernel`` (packed 4-bit weight, int8 activation codes) for one config."""
+def w4_gemm_variant(config, swiglu: bool, m=4096, n=4096, k=4096, blocked: bool = False) -> KernelResources:
+    """``_w4_linear_kernel`` (packed 4-bit weight, int8 activation codes) for one config;
+    ``blocked``: the weight in ``fused_ops.pack_int4_blocks``' layout (BLOCK_K = 128 only)."""
     from stq_compiler.codegen import triton_fused
 
     kb = k // 2
@@ -135,10 +136,11 @@ def w4_gemm_variant(config, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResou
         "M": m, "N": n, "K": k, "KB": kb, "stride_am": k, "stride_bn": kb, "stride_rm": n, "stride_ym": n,
     }
     constexprs = {"HAS_BIAS": False, "SWIGLU": swiglu, "HAS_RESIDUAL": not swiglu, "BF16_BITS": False,
-                  "EVEN_K": True, "SWAR": True, **config.kwargs}
+                  "EVEN_K": True, "SWAR": True, "BLOCKED": blocked, **config.kwargs}
     compiled = compile_sm90(triton_fused._w4_linear_kernel_body, args, constexprs, config.num_warps, config.num_stages)
     kw = config.kwargs
-    name = f"gemm w4 (int8 codes){' swiglu' if swiglu else ''} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    name = (f"gemm w4 (int8 codes{', blocked weight' if blocked else ''}){' swiglu' if swiglu else ''} "
+            f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} s{config.num_stages}")
     return resources(compiled, name)
 
 
@@ -158,9 +160,10 @@ def compile_gluon_sm90(kernel, signature: dict, constexprs: dict, num_warps: int
                           options={"num_warps": num_warps, "enable_fp_fusion": False})
 
 
-def w4_gluon_variant(config, residual: bool = True, bias: bool = False, m=4096, n=4096, k=4096) -> KernelResources:
+def w4_gluon_variant(config, residual: bool = True, bias: bool = False, blocked: bool = True,
+                     m=4096, n=4096, k=4096) -> KernelResources:
     """``gluon_w4._w4_gluon_kernel`` for one (BLOCK_N, BLOCK_M, STAGES, warps) configuration,
-    bfloat16 out."""
+    bfloat16 out; ``blocked``: the weight in ``fused_ops.pack_int4_blocks``' layout."""
     from triton.experimental.gluon import language as gl
 
     from stq_compiler.codegen import gluon_w4
@@ -175,11 +178,12 @@ def w4_gluon_variant(config, residual: bool = True, bias: bool = False, m=4096, 
         "bias_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16",
         "M": "i32", "N": "i32", "K": "i32", "stride_rm": "i32", "stride_ym": "i32",
     }
-    constexprs = {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "GROUP_N": gluon_w4.GROUP_N, "STAGES": stages,
-                  "EPI_M": gluon_w4.EPI_M}
+    constexprs = {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "BLOCKED": blocked, "GROUP_N": gluon_w4.GROUP_N,
+                  "STAGES": stages, "EPI_M": gluon_w4.EPI_M}
     compiled = compile_gluon_sm90(gluon_w4._w4_gluon_kernel, signature, constexprs, warps)
     epilogue = "+".join(["bias"] * bias + ["residual"] * residual) or "plain"
-    return resources(compiled, f"gemm w4 gluon {epilogue} {block_n}x{block_m}x{gluon_w4.BLOCK_K} w{warps} s{stages}")
+    layout = "blocked" if blocked else "pairs"
+    return resources(compiled, f"gemm w4 gluon {layout} {epilogue} {block_n}x{block_m}x{gluon_w4.BLOCK_K} w{warps} s{stages}")
 
 
 def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n=4096, k=4096) -> KernelResources:
@@ -284,12 +288,15 @@ def all_variants():
             if swiglu and not triton_fused.w4_swiglu_fits(config):
                 continue
             yield lambda c=config, s=swiglu: w4_gemm_variant(c, s)
+            if config.kwargs["BLOCK_K"] == triton_fused.BLOCKED_STEP:
+                yield lambda c=config, s=swiglu: w4_gemm_variant(c, s, blocked=True)
     from stq_compiler.codegen import gluon_w4
 
     if gluon_w4.gluon is not None:
         for config in gluon_w4.configs():
-            for residual, bias in ((True, False), (False, True)):
-                yield lambda c=config, r=residual, b=bias: w4_gluon_variant(c, r, b)
+            for blocked in (True, False):
+                for residual, bias in ((True, False), (False, True)):
+                    yield lambda c=config, r=residual, b=bias, bl=blocked: w4_gluon_variant(c, r, b, bl)
 
 
 def main() -> list[KernelResources]:

@@ -623,15 +623,29 @@ def _nibble_planes(wb, SWAR: tl.constexpr):
 
 
 @triton.jit
-def _w4_weight_tile(w_ptrs, j, KB, EVEN_K: tl.constexpr, SWAR: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One K step of the packed weight as int8 codes [BLOCK_N, BLOCK_K] in K order (registers)."""
+def _w4_weight_planes(w_ptrs, j, KB, EVEN_K: tl.constexpr, SWAR: tl.constexpr):
+    """One K step of the packed weight's bytes [BLOCK_N, HALF] as its two nibble planes."""
     if EVEN_K:
         wb = tl.load(w_ptrs)
     else:
         wb = tl.load(w_ptrs, mask=j < KB, other=0)
-    lo, hi = _nibble_planes(wb, SWAR)
+    return _nibble_planes(wb, SWAR)
+
+
+@triton.jit
+def _w4_weight_tile(w_ptrs, j, KB, EVEN_K: tl.constexpr, SWAR: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of the pair-packed weight as int8 codes [BLOCK_N, BLOCK_K] in K order (registers)."""
+    lo, hi = _w4_weight_planes(w_ptrs, j, KB, EVEN_K, SWAR)
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _w4_activation_tile(a_ptrs, k, K, EVEN_K: tl.constexpr):
+    """Activation codes [rows of K, BLOCK_M] at K indices ``k`` (zero past K)."""
+    if EVEN_K:
+        return tl.load(a_ptrs)
+    return tl.load(a_ptrs, mask=k < K, other=0)
 
 
 @triton.jit
@@ -640,7 +654,7 @@ def _w4_linear_kernel_body(
     M, N, K, KB,
     stride_am, stride_bn, stride_rm, stride_ym,
     HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BF16_BITS: tl.constexpr,
-    EVEN_K: tl.constexpr, SWAR: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAR: tl.constexpr, BLOCKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Packed 4-bit weight × int8 activation codes, computed transposed: ``Yᵀ = W Xᵀ``.
@@ -661,21 +675,32 @@ def _w4_linear_kernel_body(
     offs_j = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = b_ptr + w_rows[:, None] * stride_bn + offs_j[None, :]  # [BLOCK_N, HALF] bytes
-    a_ptrs = a_ptr + a_rows[None, :] * stride_am + offs_k[:, None]  # [BLOCK_K, BLOCK_M] codes
+    if BLOCKED:
+        a_ptrs = a_ptr + a_rows[None, :] * stride_am + offs_j[:, None]  # [HALF, BLOCK_M] codes, each half
+    else:
+        a_ptrs = a_ptr + a_rows[None, :] * stride_am + offs_k[:, None]  # [BLOCK_K, BLOCK_M] codes
     up_offset = N * stride_bn
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for kb in range(tl.cdiv(KB, HALF)):
         j = kb * HALF + offs_j[None, :]
-        if EVEN_K:
-            a = tl.load(a_ptrs)
+        if BLOCKED:
+            # the blocked layout (fused_ops.pack_int4_blocks, BLOCK_K = 128): the nibble planes are
+            # the two K halves of the step, each multiplied with its half of the activation tile
+            a_lo = _w4_activation_tile(a_ptrs, kb * BLOCK_K + offs_j[:, None], K, EVEN_K)
+            a_hi = _w4_activation_tile(a_ptrs + HALF, kb * BLOCK_K + HALF + offs_j[:, None], K, EVEN_K)
+            lo, hi = _w4_weight_planes(w_ptrs, j, KB, EVEN_K, SWAR)
+            acc = tl.dot(hi, a_hi, tl.dot(lo, a_lo, acc, out_dtype=tl.int32), out_dtype=tl.int32)
+            if SWIGLU:
+                lo, hi = _w4_weight_planes(w_ptrs + up_offset, j, KB, EVEN_K, SWAR)
+                acc_up = tl.dot(hi, a_hi, tl.dot(lo, a_lo, acc_up, out_dtype=tl.int32), out_dtype=tl.int32)
         else:
-            a = tl.load(a_ptrs, mask=(kb * BLOCK_K + offs_k[:, None]) < K, other=0)
-        w = _w4_weight_tile(w_ptrs, j, KB, EVEN_K, SWAR, BLOCK_N, BLOCK_K)
-        acc = tl.dot(w, a, acc, out_dtype=tl.int32)
-        if SWIGLU:
-            u = _w4_weight_tile(w_ptrs + up_offset, j, KB, EVEN_K, SWAR, BLOCK_N, BLOCK_K)
-            acc_up = tl.dot(u, a, acc_up, out_dtype=tl.int32)
+            a = _w4_activation_tile(a_ptrs, kb * BLOCK_K + offs_k[:, None], K, EVEN_K)
+            w = _w4_weight_tile(w_ptrs, j, KB, EVEN_K, SWAR, BLOCK_N, BLOCK_K)
+            acc = tl.dot(w, a, acc, out_dtype=tl.int32)
+            if SWIGLU:
+                u = _w4_weight_tile(w_ptrs + up_offset, j, KB, EVEN_K, SWAR, BLOCK_N, BLOCK_K)
+                acc_up = tl.dot(u, a, acc_up, out_dtype=tl.int32)
         w_ptrs += HALF
         a_ptrs += BLOCK_K
 
@@ -743,6 +768,8 @@ def _pruner(fits_swiglu):
         kept = row_tiles_fitting(configs, named_args["M"])
         if kwargs.get("SWIGLU", named_args.get("SWIGLU", False)):
             kept = [c for c in kept if fits_swiglu(c)]
+        if kwargs.get("BLOCKED", named_args.get("BLOCKED", False)):  # the W4 kernel's blocked weight
+            kept = [c for c in kept if c.kwargs["BLOCK_K"] == BLOCKED_STEP]
         return kept
 
     return prune
@@ -810,12 +837,16 @@ if INTERPRET:
 else:
     _w4_linear_kernel = triton.autotune(
         configs=_W4_GPU_CONFIGS,
-        key=["M", "N", "K", "SWIGLU"],
+        key=["M", "N", "K", "SWIGLU", "BLOCKED"],
         prune_configs_by={"early_config_prune": _prune_w4_configs},
     )(_w4_linear_kernel_fixed)
 
 # the interpreter's one configuration (large blocks: each program costs milliseconds there)
 _W4_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_N": 4}
+
+
+# a blocked weight (fused_ops.pack_int4_blocks) is read one 128-code block a K step
+BLOCKED_STEP = 128
 
 
 def w4_gemm_configs() -> list[triton.Config]:
@@ -833,8 +864,9 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
     a = xq.reshape(-1, width)
     if a.stride(-1) != 1:
         a = a.contiguous()
-    if wq.stride(-1) != 1:
-        wq = wq.contiguous()
+    blocked = wq.dim() == 3  # fused_ops.pack_int4_blocks: [N, blocks, 64] read as [N, blocks·64] bytes
+    if wq.stride(-1) != 1 or blocked:
+        wq = wq.contiguous().reshape(wq.shape[0], -1)
     m = a.shape[0]
     n = wq.shape[0] // 2 if swiglu else wq.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
@@ -851,7 +883,7 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
         a_packed, b_packed = a.dtype == torch.uint8, wq.dtype == torch.uint8
         args = (
             a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg,
-            m, n, k, (k + 1) // 2,
+            m, n, k, wq.shape[1] if blocked else (k + 1) // 2,
             a.stride(0), a.stride(1), wq.stride(0), wq.stride(1),
             res.stride(0) if res is not None else 0, y.stride(0),
         )
@@ -862,7 +894,7 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         if b_packed and not a_packed:
-            _launch_w4(args, flags, grid, config)
+            _launch_w4(args, {**flags, "BLOCKED": blocked}, grid, config)
             return y.view(*lead, n)
         with _device_of(a):
             if INTERPRET:
@@ -891,15 +923,19 @@ def _launch_w4(args, flags, grid, config) -> None:
             with _device_of(a):
                 gluon_w4.w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum,
                                          bias_arg if flags["HAS_BIAS"] else None,
-                                         res_arg if flags["HAS_RESIDUAL"] else None, y_arg, k)
+                                         res_arg if flags["HAS_RESIDUAL"] else None, y_arg, k,
+                                         blocked=flags["BLOCKED"])
             return
     w4_args = (a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg, m, n, k, kb,
                stride_am, stride_bn, stride_rm, stride_ym)
-    w4_flags = {key: flags[key] for key in ("HAS_BIAS", "SWIGLU", "HAS_RESIDUAL", "BF16_BITS")}
+    w4_flags = {key: flags[key] for key in ("HAS_BIAS", "SWIGLU", "HAS_RESIDUAL", "BF16_BITS", "BLOCKED")}
     w4_flags["SWAR"] = not INTERPRET
+    if config is not None and flags["BLOCKED"] and config.kwargs["BLOCK_K"] != BLOCKED_STEP:
+        raise ValueError(f"a blocked 4-bit weight is read {BLOCKED_STEP} codes a step, not BLOCK_K={config.kwargs['BLOCK_K']}")
     with _device_of(a):
         if INTERPRET:
-            _w4_linear_kernel[grid](*w4_args, **w4_flags, **_W4_INTERPRET_CONFIG)
+            block_k = BLOCKED_STEP if flags["BLOCKED"] else _W4_INTERPRET_CONFIG["BLOCK_K"]
+            _w4_linear_kernel[grid](*w4_args, **w4_flags, **{**_W4_INTERPRET_CONFIG, "BLOCK_K": block_k})
         elif config is not None:
             _w4_linear_kernel_fixed[grid](
                 *w4_args, **w4_flags, **config.kwargs, num_warps=config.num_warps,

@@ -1,6 +1,7 @@
 """fuse_quantized_sites: each site's quantizer and its prologue into ``stq.fused_quantize``, each
 quantized linear and its epilogue into ``stq.fused_linear``, with 4-bit weight codes packed two a
-byte and 4-bit activation codes one a byte (``pack=False``).
+byte (``pack_int4_blocks``: blocks of 128 codes, each byte holding a code of each half) and 4-bit
+activation codes one a byte (``pack=False``).
 
 Expects: a graph after ``quantize_linears`` (and optionally ``insert_token_state``,
 ``insert_tac``): per site ``stq.quantize_per_token(act, bits, ...)``, its three outputs read by
@@ -16,7 +17,7 @@ quantizer, walking back from it as far as each node has no other reader, in the 
 * an RMSNorm ``[w *] cast(h * rsqrt(mean(h**2, -1, keepdim=True) + eps))`` with ``h = cast(x)``
   (LLaDA's and transformers' Llama/Qwen2 norms), the weight when it was not folded into W.
 
-and per linear one ``stq.fused_linear`` on packed weights (4-bit: ``pack_int4``, new buffers;
+and per linear one ``stq.fused_linear`` on packed weights (4-bit: ``pack_int4_blocks``, new buffers;
 the int8 ones are dropped), with the epilogue it can take:
 
 * a site's linears without an epilogue (q/k/v) become one GEMM over their stacked weights,
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import fx
 
 import stq_compiler.tac_ops  # noqa: F401  (registers stq::tac_block_affine)
-from stq_compiler.fused_ops import pack_int4  # importing it registers the fused ops
+from stq_compiler.fused_ops import pack_int4_blocks  # importing it registers the fused ops
 from stq_compiler.passes import PassReport, count_nodes, register_constant
 
 QUANTIZE = torch.ops.stq.quantize_per_token.default
@@ -174,11 +175,11 @@ def _absorb_prologue(gm, act: fx.Node, quantize: fx.Node, width: int):
 
 
 def _packed_weight(gm, node: fx.Node, w_bits: int, graph) -> fx.Node:
-    """The weight codes as the fused GEMM reads them: packed two a byte for 4 bits."""
+    """The weight codes as the fused GEMM reads them: packed two a byte for 4 bits (blocked)."""
     if w_bits != 4:
         return node
     name = node.target + "_packed"
-    return _constant(gm, name, None if hasattr(gm, name) else pack_int4(getattr(gm, node.target)), graph)
+    return _constant(gm, name, None if hasattr(gm, name) else pack_int4_blocks(getattr(gm, node.target)), graph)
 
 
 def _constant(gm, name, tensor, graph) -> fx.Node:
@@ -240,7 +241,7 @@ def _concatenate(gm, graph, linears: list[fx.Node], old_weights: set) -> fx.Node
     prefix = linears[0].args[3].target + "_cat"
     first = min(linears, key=lambda n: list(graph.nodes).index(n))
     with graph.inserting_before(first):
-        w_node = _constant(gm, prefix + ("_packed" if w_bits == 4 else ""), pack_int4(wq) if w_bits == 4 else wq, graph)
+        w_node = _constant(gm, prefix + ("_packed" if w_bits == 4 else ""), pack_int4_blocks(wq) if w_bits == 4 else wq, graph)
         s_node = _constant(gm, prefix + "_scale", torch.cat(weights[1]), graph)
         sum_node = _constant(gm, prefix + "_sum", torch.cat(weights[2]), graph)
         bias = None
@@ -318,7 +319,7 @@ def fuse_quantized_sites(gm: fx.GraphModule, swiglu_epilogue: bool = False) -> t
             prefix = gate.args[3].target + "_swiglu"
             with graph.inserting_before(mul):
                 w_node = _constant(gm, prefix + ("_packed" if _w_bits(gate) == 4 else ""),
-                                   pack_int4(wq) if _w_bits(gate) == 4 else wq, graph)
+                                   pack_int4_blocks(wq) if _w_bits(gate) == 4 else wq, graph)
                 s_node = _constant(gm, prefix + "_scale", ws, graph)
                 sum_node = _constant(gm, prefix + "_sum", wsum, graph)
                 bias = None

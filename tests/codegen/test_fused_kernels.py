@@ -297,15 +297,17 @@ else:
     # (M, N, K) under the interpreter's BLOCK_M=32, BLOCK_N=64, BLOCK_K=64 (32 bytes packed):
     # M = 1, odd M over two row tiles, K not a multiple of BLOCK_K, odd K, an even K, N = 1.
     GEMM_SHAPES = [(1, 45, 70), (37, 100, 150), (5, 64, 128), (13, 130, 63), (3, 1, 200)]
-    # activation bits, weight bits[, activation packed]: both packed, both int8, 8-bit activations
-    # on packed 4-bit weights, 4-bit activation codes one a byte on packed weights (the fusion
-    # pass's W4A4; with a8w4 this is the transposed W4 kernel)
-    OPERANDS = [(4, 4), (8, 8), (8, 4), (4, 4, False)]
+    # activation bits, weight bits[, activation packed[, weight blocked]]: both packed, both int8,
+    # 8-bit activations on packed 4-bit weights, 4-bit activation codes one a byte on packed
+    # weights (with a8w4 this is the transposed W4 kernel), and both of those on the blocked weight
+    # layout (fused_ops.pack_int4_blocks: what the fusion pass emits)
+    OPERANDS = [(4, 4), (8, 8), (8, 4), (4, 4, False), (4, 4, False, True), (8, 4, False, True)]
 
     def _operands_id(b):
-        return f"a{b[0]}w{b[1]}" + ("-a-bytes" if len(b) > 2 and not b[2] else "")
+        return (f"a{b[0]}w{b[1]}" + ("-a-bytes" if len(b) > 2 and not b[2] and b[0] == 4 else "")
+                + ("-w-blocked" if len(b) > 3 and b[3] else ""))
 
-    def _operands(m, n, k, a_bits, w_bits, gen, a_packed=None):
+    def _operands(m, n, k, a_bits, w_bits, gen, a_packed=None, w_blocked=False):
         """Random codes, their storage (packed for 4 bits), zero points and weight sums."""
         a_lo, a_hi = -(1 << (a_bits - 1)), 1 << (a_bits - 1)
         w_max = (1 << (w_bits - 1)) - 1
@@ -315,7 +317,10 @@ else:
         w_sum = wq.sum(dim=1, dtype=torch.int32)
         a_packed = a_bits == 4 if a_packed is None else a_packed
         x_store = fused_ops.pack_int4(xq) if a_packed else xq
-        w_store = fused_ops.pack_int4(wq) if w_bits == 4 else wq
+        if w_blocked:
+            w_store = fused_ops.pack_int4_blocks(wq)
+        else:
+            w_store = fused_ops.pack_int4(wq) if w_bits == 4 else wq
         return xq, wq, x_store, w_store, x_zero, w_sum
 
     def _integer_reference(xq, x_zero, wq, w_sum):
@@ -370,7 +375,7 @@ else:
         gen = _gen("epilogue", bits, out_dtype, epilogue)
         _epilogue_case(37, 140, 75, bits, out_dtype, True, epilogue, gen)
 
-    @pytest.mark.parametrize("bits", [(4, 4), (4, 4, False)], ids=_operands_id)
+    @pytest.mark.parametrize("bits", [(4, 4), (4, 4, False), (4, 4, False, True)], ids=_operands_id)
     @pytest.mark.parametrize("epilogue", ["swiglu", "residual"])
     @pytest.mark.parametrize("mnk", [(1, 64, 64), (7, 34, 33)], ids=lambda s: "x".join(map(str, s)))
     def test_fused_linear_epilogues_small_shapes_no_bias(mnk, epilogue, bits):
@@ -385,6 +390,13 @@ else:
             fused_linear_triton(x_store, ones[0], x_zero, w_store[:, :4], ones[1], w_sum, None, None, False, torch.float32)
         with pytest.raises(ValueError):
             fused_linear_triton(x_store, ones[0], x_zero, w_store, ones[1], w_sum, None, torch.ones(3, 4), True, torch.float32)
+        xq, wq, _, _, _, _ = _operands(3, 8, 10, 4, 4, gen, a_packed=False)
+        blocked = fused_ops.pack_int4_blocks(wq)
+        with pytest.raises(ValueError, match="int8 activation codes"):  # blocked weight, packed activations
+            fused_linear_triton(x_store, ones[0], x_zero, blocked, ones[1], w_sum, None, None, False, torch.float32)
+        with pytest.raises(ValueError, match="input features"):  # 200 codes do not fit one block's 128
+            fused_linear_triton(torch.zeros(3, 200, dtype=torch.int8), ones[0], x_zero, blocked, ones[1], w_sum,
+                                None, None, False, torch.float32)
 
     # ------------------------------------------------------------------------------------------
     # The two ops chained, through torch.ops (the kernels run on CPU under the interpreter)

@@ -171,13 +171,16 @@ LINEARS = [
     ("dream-gate_up", 3584, 2 * 18944, "swiglu", False),
     ("dream-down", 18944, 3584, "residual", False),
 ]
-# (activation bits, weight bits, activation packed): "w4a4-bytes" is what the fusion pass runs
+# (activation bits, weight bits, activation packed[, weight blocked]): "w4a4-blocked" is what the
+# fusion pass runs (4-bit activation codes one a byte, the weight in fused_ops.pack_int4_blocks'
+# layout); it, "w4a4-bytes" and the W4A8 modes take the transposed W4 kernel
 # (4-bit activation codes one a byte); it and "w4a8" take the transposed W4 kernel
-OPERANDS = {"w4a4": (4, 4, True), "w8a8": (8, 8, False), "w4a8": (8, 4, False), "w4a4-bytes": (4, 4, False)}
-W4_KERNEL_MODES = ("w4a8", "w4a4-bytes")
+OPERANDS = {"w4a4": (4, 4, True), "w8a8": (8, 8, False), "w4a8": (8, 4, False), "w4a4-bytes": (4, 4, False),
+            "w4a4-blocked": (4, 4, False, True), "w4a8-blocked": (8, 4, False, True)}
+W4_KERNEL_MODES = ("w4a8", "w4a4-bytes", "w4a4-blocked", "w4a8-blocked")
 
 
-def _codes(m, n, k, a_bits, w_bits, a_packed, seed):
+def _codes(m, n, k, a_bits, w_bits, a_packed, w_blocked=False, seed=0):
     gen = _gen(seed)
     a_lo, a_hi = -(1 << (a_bits - 1)), 1 << (a_bits - 1)
     w_max = (1 << (w_bits - 1)) - 1
@@ -186,11 +189,16 @@ def _codes(m, n, k, a_bits, w_bits, a_packed, seed):
     x_zero = torch.randint(a_lo, a_hi, (m, 1), dtype=torch.int32, device=DEV, generator=gen)
     w_sum = wq.sum(dim=1, dtype=torch.int32)
     x_store = fused_ops.pack_int4(xq) if a_packed else xq
-    w_store = fused_ops.pack_int4(wq) if w_bits == 4 else wq
+    if w_blocked:
+        w_store = fused_ops.pack_int4_blocks(wq)
+    else:
+        w_store = fused_ops.pack_int4(wq) if w_bits == 4 else wq
     return xq, wq, x_store, w_store, x_zero, w_sum
 
 
 def _configs(mode):
+    if mode.endswith("-blocked"):  # read one 128-code block a K step
+        return [c for c in triton_fused.w4_gemm_configs() if c.kwargs["BLOCK_K"] == triton_fused.BLOCKED_STEP]
     return triton_fused.w4_gemm_configs() if mode in W4_KERNEL_MODES else triton_fused.gemm_configs()
 
 
@@ -217,7 +225,7 @@ INT_CASES = [
     (name, k, n, m, mode)
     for name, k, n, _, _ in LINEARS
     for mode in OPERANDS
-    for m in (TOKENS if mode in ("w4a4", "w4a4-bytes") else (7, 1024))
+    for m in (TOKENS if mode in ("w4a4", "w4a4-bytes", "w4a4-blocked") else (7, 1024))
 ]
 
 
@@ -281,11 +289,11 @@ EPI_CASES = [(name, k, n, epi, bias, m) for name, k, n, epi, bias in LINEARS for
 AUTOTUNED = {("llada-gate_up", 1024), ("llada-down", 1024), ("dream-qkv", 7)}
 
 
-@pytest.mark.parametrize("mode", ["w4a4", "w8a8", "w4a4-bytes"])
+@pytest.mark.parametrize("mode", ["w4a4", "w8a8", "w4a4-bytes", "w4a4-blocked"])
 @pytest.mark.parametrize("name,k,n,epilogue,has_bias,m", EPI_CASES, ids=[f"{c[0]}-M{c[5]}" for c in EPI_CASES])
 def test_fused_linear_epilogue(name, k, n, epilogue, has_bias, m, mode):
     # the W4A4 pipeline's real scales: activations quantized per token, weights per channel, bf16 out
-    a_bits, w_bits, a_packed = OPERANDS[mode]
+    a_bits, w_bits, a_packed = OPERANDS[mode][:3]
     x = _activation(m, k, seed=m * 7 + k)
     gen = _gen(n + k)
     w = ops.quantize_weight(torch.randn(n, k, device=DEV, generator=gen) * 0.02, bits=w_bits)
@@ -294,7 +302,8 @@ def test_fused_linear_epilogue(name, k, n, epilogue, has_bias, m, mode):
     out_n = n // 2 if epilogue == "swiglu" else n
     residual = torch.randn(m, out_n, device=DEV, generator=gen).bfloat16() if epilogue == "residual" else None
     xq, x_scale, x_zero = triton_fused.fused_quantize_triton(x, a_bits, pack=a_packed)
-    args = (xq, x_scale, x_zero, pw.q, pw.scale, pw.w_sum, bias, residual, epilogue == "swiglu", torch.bfloat16)
+    w_store = fused_ops.pack_int4_blocks(w.q) if mode.endswith("-blocked") else pw.q
+    args = (xq, x_scale, x_zero, w_store, pw.scale, pw.w_sum, bias, residual, epilogue == "swiglu", torch.bfloat16)
     autotuned = (name, m) in AUTOTUNED
     y = triton_fused.fused_linear_triton(*args, config=None if autotuned else _fixed_config(m, mode))
     y_ref, tol = _reference_and_tolerance(args, w, k, epilogue)
@@ -375,17 +384,20 @@ needs_gluon = pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_sup
 def test_w4_gluon_integer_part_is_exact(name, k, n, m):
     from stq_compiler.codegen import gluon_w4
 
-    for a_bits in (4, 8):  # W4A4 (codes one a byte) and W4A8
-        xq, wq, x_store, w_store, x_zero, w_sum = _codes(m, n, k, a_bits, 4, False, seed=m + k + n + a_bits)
+    for a_bits, blocked in ((4, True), (8, True), (4, False), (8, False)):  # W4A4 (codes one a byte), W4A8
+        xq, wq, x_store, w_store, x_zero, w_sum = _codes(m, n, k, a_bits, 4, False, seed=m + k + n + a_bits,
+                                                         w_blocked=blocked)
+        w_store = w_store.reshape(n, -1)  # the blocked layout as the kernel reads it
         want = _exact_acc(xq, x_zero, wq, w_sum).to(torch.int32).float()
         ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
         assert gluon_w4.supports(x_store, w_store, False)
         for config in gluon_w4.configs():
             y = torch.empty(m, n, device=DEV)
-            gluon_w4.w4_linear_gluon(x_store, w_store, ones_m, x_zero.reshape(-1), ones_n, w_sum, None, None, y, k, config)
+            gluon_w4.w4_linear_gluon(x_store, w_store, ones_m, x_zero.reshape(-1), ones_n, w_sum, None, None, y, k, config,
+                                     blocked=blocked)
             ok = torch.equal(y, want)
-            report("w4 gluon", f"{name} M={m} K={k} N={n} A{a_bits} {'x'.join(map(str, config))} int", ok,
-                   max_abs_diff=(y - want).abs().max().item())
+            report("w4 gluon", f"{name} M={m} K={k} N={n} A{a_bits} {'blocked' if blocked else 'pairs'} "
+                   f"{'x'.join(map(str, config))} int", ok, max_abs_diff=(y - want).abs().max().item())
             assert ok
 
 
@@ -404,13 +416,15 @@ def test_w4_gluon_epilogue_gives_the_triton_kernels_bits(name, k, n, epilogue, h
     residual = torch.randn(m, n, device=DEV, generator=gen).bfloat16() if epilogue == "residual" else None
     xq, x_scale, x_zero = triton_fused.fused_quantize_triton(x, 4, pack=False)
     args = (xq, x_scale, x_zero, pw.q, pw.scale, pw.w_sum, bias, residual, False, torch.bfloat16)
-    y = triton_fused.fused_linear_triton(*args)  # no config: the Gluon kernel
+    blocked_args = (*args[:3], fused_ops.pack_int4_blocks(w.q), *args[4:])  # what the fusion pass emits
+    y_blocked = triton_fused.fused_linear_triton(*blocked_args)  # no config: the Gluon kernel
+    y = triton_fused.fused_linear_triton(*args)
     y_triton = triton_fused.fused_linear_triton(*args, config=_fixed_config(m, "w4a4-bytes"))
     y_ref, tol = _reference_and_tolerance(args, w, k, epilogue)
     diff = (y.double() - y_ref.double()).abs()
-    ok = torch.equal(y, y_triton) and bool((diff <= tol).all())
+    ok = torch.equal(y, y_triton) and torch.equal(y_blocked, y_triton) and bool((diff <= tol).all())
     report("w4 gluon", f"{name} M={m} K={k} N={n} {epilogue}", ok, max_abs_diff=diff.max().item(),
-           differing_from_triton=int((y != y_triton).sum()))
+           differing_from_triton=int((y != y_triton).sum()), blocked_differing=int((y_blocked != y_triton).sum()))
     assert ok
 
 

@@ -60,17 +60,19 @@ def test_every_w4_configuration_compiles_without_spills():
         for c in triton_fused.w4_gemm_configs():
             if swiglu and not triton_fused.w4_swiglu_fits(c):
                 continue
-            r = hopper_codegen.w4_gemm_variant(c, swiglu)
-            assert r.spill_bytes == 0 and r.uses_wgmma, r.row()
+            for blocked in (False, True) if c.kwargs["BLOCK_K"] == triton_fused.BLOCKED_STEP else (False,):
+                r = hopper_codegen.w4_gemm_variant(c, swiglu, blocked=blocked)
+                assert r.spill_bytes == 0 and r.uses_wgmma, r.row()
 
 
 @pytest.mark.skipif(gluon_w4.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked-weight", "pair-weight"])
 @pytest.mark.parametrize("residual,bias", [(True, False), (False, True), (False, False)], ids=["residual", "bias", "plain"])
 @pytest.mark.parametrize("config", gluon_w4.configs(), ids=lambda c: "x".join(map(str, c)))
-def test_w4_gluon_gemm_keeps_wgmma_in_flight_without_spills(config, residual, bias):
+def test_w4_gluon_gemm_keeps_wgmma_in_flight_without_spills(config, residual, bias, blocked):
     # the point of the Gluon kernel: the register-operand wgmma stays asynchronous; ptxas
     # serializing it (C7515) or the epilogue spilling would undo that silently
-    r = hopper_codegen.w4_gluon_variant(config, residual, bias)
+    r = hopper_codegen.w4_gluon_variant(config, residual, bias, blocked)
     print(r.row())
     assert r.uses_wgmma and "IGMMA" in r.mma
     assert r.register_a

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stq_compiler.analysis import analyze
-from stq_compiler.fused_ops import unpack_int4
+from stq_compiler.fused_ops import BLOCK_CODES, unpack_int4_blocks
 from stq_compiler.passes.fuse import (
     FUSED_LINEAR,
     FUSED_QUANTIZE,
@@ -99,12 +99,15 @@ def test_weights_are_packed_and_int8_codes_dropped():
     gm, report = fuse_quantized_sites(gm, swiglu_epilogue=True)
     assert not any(b.dtype == torch.int8 for _, b in gm.named_buffers())
     packed = {name: b for name, b in gm.named_buffers() if b.dtype == torch.uint8}
-    assert sum(b.numel() for b in packed.values()) == int8_bytes // 2
+    # two codes a byte, K in blocks of 128 (padded: half the int8 bytes when K is a multiple of 128)
+    blocked_bytes = sum(b.shape[0] * -(-b.shape[1] // BLOCK_CODES) * BLOCK_CODES // 2 for b in old.values())
+    assert sum(b.numel() for b in packed.values()) == blocked_bytes
+    assert all(b.dim() == 3 for b in packed.values())  # the blocked layout: [N, blocks, 64]
     # the SwiGLU pairs' scales and sums were replaced by concatenated ones too
     assert report.details["int8_weight_bytes_freed"] >= int8_bytes
     for name, codes in old.items():
         if name + "_packed" in packed:
-            assert torch.equal(unpack_int4(packed[name + "_packed"], codes.shape[1]), codes)
+            assert torch.equal(unpack_int4_blocks(packed[name + "_packed"], codes.shape[1]), codes)
     # SwiGLU pairs: one weight, gate rows then up rows
     gate_up = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is FUSED_LINEAR and n.args[8]]
     assert len(gate_up) == LAYERS
