@@ -119,8 +119,9 @@ def unpack_int4_blocks(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A quantized weight in the GEMM's storage: ``q`` uint8 [N, ceil(K/2)] for 4 bits (int8 [N, K]
-    for 8 bits), ``scale`` [N] float32, ``w_sum`` [N] int32 (of the unpacked codes)."""
+    """A quantized weight in the GEMM's storage: ``q`` uint8 [N, ceil(K/2)] for 4 bits, or the
+    blocked uint8 [N, ceil(K/128), 64] (int8 [N, K] for 8 bits), ``scale`` [N] float32, ``w_sum`` [N]
+    int32 (of the unpacked codes)."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -129,7 +130,7 @@ class PackedWeight:
     in_features: int
 
     def codes(self) -> torch.Tensor:
-        return unpack_int4(self.q, self.in_features) if self.q.dtype == torch.uint8 else self.q
+        return weight_codes(self.q, self.in_features)
 
 
 def pack_weight(w: QuantizedWeight) -> PackedWeight:

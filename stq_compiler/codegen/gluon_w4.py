@@ -13,17 +13,20 @@ Hopper pipeliner keeps such a dot asynchronous only when its accumulator is floa
 ``WGMMAPipeline.cpp``); with our int32 accumulator it waits for every wgmma before unpacking the
 next tile, so the tensor cores idle while the ALUs unpack (H200: 740-860 TOP/s). Gluon issues
 ``warpgroup_mma(is_async=True)`` and waits explicitly: step i's MMA runs while step i + 1's tile
-is unpacked, and this kernel runs at 980-1130 TOP/s, 81-92 % of fp8 ``torch._scaled_mm``'s rate
-(``benchmarks/fused_kernels.py``). Its probe (``benchmarks/explore/w4_gemm_gluon.py``), with the
-weight packed as the two K halves of each 128-code block so that the nibble planes need no join
-(its SASS has none of the joined kernel's 229 byte permutes), reached 1090-1370.
+is unpacked. With the pair-packed weight (``pack_int4``: neighbouring codes in a byte) it ran at
+980-1130 TOP/s, 81-92 % of fp8 ``torch._scaled_mm``'s rate (``benchmarks/fused_kernels.py``, H200);
+joining the nibble planes back into K order cost byte permutes. With the blocked weight the fusion
+pass emits (``fused_ops.pack_int4_blocks``: the two nibble planes of a 128-code block are its two
+K halves) nothing is joined: each plane meets its half of the activation tile in its own MMA, at
+1170-1350 TOP/s, 96-113 % of fp8's rate. Both layouts run here (``BLOCKED``).
 
 Pipeline: ``STAGES`` shared-memory slots per operand, filled by TMA (rows past M or N and codes
 past K read as zeros, so edges need no masks until the store); one mbarrier a slot. Step i waits
-for its slot, loads the packed tile into registers, unpacks it (four bytes a register,
-``triton_fused.SWAR_NIBBLES_ASM``) and joins the nibble planes back into K order, in the register
-layout of the MMA's first operand (Gluon infers the byte layout from that, ``AutoLayout``), issues
-the MMA, waits until only that one is in flight, and refills the slot step i - 1 used. Step 0 runs
+for its slot, loads the packed tile into registers and unpacks it (four bytes a register,
+``triton_fused.SWAR_NIBBLES_ASM``) in the register layout of the MMA's first operand. Blocked: one
+MMA per nibble plane against its half of the activation tile; pairs: the planes joined back into K
+order first (Gluon infers the byte layout from the joined one, ``AutoLayout``), one MMA. It waits
+until only this step's MMAs are in flight and refills the slot step i - 1 used. Step 0 runs
 before the loop: an accumulator that could reach the end of a zero-trip loop still holding
 ``gl.zeros``' plain moves makes ptxas serialize every wgmma (warning C7515).
 """
