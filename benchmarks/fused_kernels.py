@@ -13,9 +13,11 @@ concatenated, down):
   ``int8``: ``torch._int_mm``; ``rtn-w8a8``: ``triton_rtn.quantized_linear_triton`` (int8 codes);
 * ``fused-w8a8`` / ``fused-w4a4`` / ``fused-w4a8``: ``stq::fused_linear`` (plain epilogue), and for
   gate/up ``+swiglu`` (output half as wide: the fp16 row then includes a separate SiLU·mul), for
-  o/down ``+residual``. ``fused-w4a4`` holds the 4-bit activation codes one a byte, as the fusion
-  pass does (the transposed W4 kernel, like ``fused-w4a8``); ``fused-w4a4-packed`` packs them two
-  a byte (the kernel that unpacks both operands).
+  o/down ``+residual``. ``fused-w4a4`` holds the 4-bit activation codes one a byte and the weight
+  in the blocked layout (``fused_ops.pack_int4_blocks``), as the fusion pass does (like
+  ``fused-w4a8``); ``fused-w4a4-pairs`` the weight packed two neighbouring codes a byte
+  (``pack_int4``); ``fused-w4a4-packed`` packs the activation codes two a byte as well (the kernel
+  that unpacks both operands).
 
 Activation side, per site: ``stq::fused_quantize`` (norm + Kronecker + gate + 4-bit pack; TAC +
 Kronecker + gate) against the unfused chain it replaces (RMSNorm in torch, ``stq::kron_transform``,
@@ -25,6 +27,7 @@ Kronecker + gate) against the unfused chain it replaces (RMSNorm in torch, ``stq
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 from pathlib import Path
@@ -86,7 +89,9 @@ def gemm_rows(m: int, name: str, k: int, n: int) -> list[dict]:
     xq4, xs4, xz4 = fused_ops.fused_quantize(x, 4, pack=False)
     xq8_store = xq8
     wq8 = ops.quantize_weight(w, 8)
-    wq4 = fused_ops.pack_weight(ops.quantize_weight(w, 4))
+    w4 = ops.quantize_weight(w, 4)
+    wq4_pairs = fused_ops.pack_weight(w4)
+    wq4 = dataclasses.replace(wq4_pairs, q=fused_ops.pack_int4_blocks(w4.q))  # what the fusion pass emits
     add("int8-_int_mm", lambda: torch._int_mm(xq8, wq8.q.t()))
     add("rtn-w8a8", lambda: triton_rtn.quantized_linear_triton(xq8, xs8, xz8, wq8.q, wq8.scale, wq8.w_sum, None, torch.bfloat16))
 
@@ -95,7 +100,8 @@ def gemm_rows(m: int, name: str, k: int, n: int) -> list[dict]:
 
     add("fused-w8a8", fused(xq8_store, xs8, xz8, wq8))
     add("fused-w4a4", fused(xq4, xs4, xz4, wq4))
-    add("fused-w4a4-packed", fused(xq4p, xs4p, xz4p, wq4))
+    add("fused-w4a4-pairs", fused(xq4, xs4, xz4, wq4_pairs))
+    add("fused-w4a4-packed", fused(xq4p, xs4p, xz4p, wq4_pairs))
     add("fused-w4a8", fused(xq8_store, xs8, xz8, wq4))
     if name == "gate_up":
         add("fused-w4a4+swiglu", fused(xq4, xs4, xz4, wq4, swiglu=True))
