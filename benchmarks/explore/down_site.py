@@ -14,6 +14,10 @@ token does not fit ``_fused_quantize_kernel``'s multi-token tile) as PyTorch flo
   chunk) programs: partial min/max per chunk, then each chunk reads its token's partials, forms
   the scale and zero point exactly as the reference does, and quantizes. Many small programs
   instead of one long one per token; the float32 input is read twice.
+* ``chunk kernel``: ``_chunk_kron_quantize_kernel`` (production for Dream-7B's 128 x 148 since
+  2026-11-29, session 7), as many programs as the GPU holds, each looping over tokens: per token
+  ``Y = P1ᵀ (X P2)`` ``ch`` columns at a time, the gated chunks stored to the program's float32
+  scratch row (L2) while min and max accumulate, then read back and quantized.
 * ``i-major``: the Kronecker as two tiled tf32x3 GEMMs, ``X P2`` written as [i, token, j] so that
   ``P1ᵀ ·`` is one GEMM [d1, d1] x [d1, tokens·d2] (no per-token programs, no transposes), then
   the split quantizer reading each token's [d1, d2] tile with the row stride tokens·d2.
@@ -217,13 +221,23 @@ def candidates(x, kw, chunk):
         y = imajor_kronecker(x, kw["p1"], kw["p2"])
         return split_quantize(y, m, k, d2, d2, m * d2, 4, *gates, chunk)
 
-    out = [("production", production), ("torch + gate-quantize kernel", patched(MAX_TOKEN_KRON_TILE=0)),
+    out = [("production", production), ("torch + gate-quantize kernel", patched(MAX_TOKEN_KRON_TILE=0, MAX_CHUNK_KRON_D1=0)),
            (f"torch + split-quantize chunk={chunk}", torch_split), (f"i-major + split-quantize chunk={chunk}", imajor_split)]
     if triton_fused._kron_tile(kw["p1"].shape[0], d2) <= triton_fused.MAX_TOKEN_KRON_TILE:
         for precision in ("tf32x3", "bf16x3"):
             for warps in TOKEN_KERNEL_WARPS:
                 out.append((f"token kernel {precision} w={warps}", patched(KRON_PRECISION=precision, TOKEN_KRON_WARPS=warps)))
+    for ch in CHUNK_KERNEL_COLUMNS:
+        for programs in (1, 2):
+            out.append((f"chunk kernel ch={ch} programs/SM={programs}",
+                        patched(MAX_TOKEN_KRON_TILE=0, KRON_CHUNK=ch, CHUNK_KRON_PROGRAMS=programs)))
     return out
+
+
+# _chunk_kron_quantize_kernel's column chunk: on sm_90a with 8 warps, 64 (Dream-7B: 3 chunks of
+# 148 padded to 192) takes 255 registers and 20 bytes of spills, 32 (5 chunks, 160) 241 and none
+# (python -m stq_compiler.codegen.hopper_codegen)
+CHUNK_KERNEL_COLUMNS = (32, 64) if not INTERPRET else (16,)
 
 
 TOKEN_KERNEL_WARPS = (8,)  # 4 and 16 spill kilobytes and ran 2-3x slower (the results' first run)
@@ -234,6 +248,7 @@ def main():
     ap.add_argument("--out", default="down-site.json")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--only", nargs="+", default=None, help="run the candidates whose name starts with one of these")
     args = ap.parse_args()
     device = "cpu" if INTERPRET else "cuda"
     if INTERPRET:
@@ -249,7 +264,7 @@ def main():
         seen = set()
         for chunk in chunks:
             for name, fn in candidates(x, kw, chunk):
-                if name in seen:
+                if name in seen or (args.only and not name.startswith(tuple(args.only))):
                     continue
                 seen.add(name)
                 try:

@@ -213,13 +213,16 @@ def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n
 
 def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16") -> KernelResources:
     """The activation kernel ``fused_quantize_triton`` launches for one ``FusedQuantizeSpec``:
-    ``_fused_quantize_kernel``, or ``_token_kron_quantize_kernel`` for a Kronecker tile above
-    ``MAX_FUSED_KRON_TILE`` (TAC runs before it, see ``tac_variant``; its input is then float32)."""
+    ``_fused_quantize_kernel``, ``_token_kron_quantize_kernel`` for a Kronecker tile above
+    ``MAX_FUSED_KRON_TILE``, or ``_chunk_kron_quantize_kernel`` above ``MAX_TOKEN_KRON_TILE`` (TAC
+    runs before it, see ``tac_variant``; its input is then float32)."""
     from stq_compiler.codegen import triton_fused
 
     if spec.tac_group:
         raise ValueError("TAC runs as its own kernel (tac_variant); give the spec without it")
     k, bits = spec.features, spec.bits
+    if spec.kron is not None and triton_fused._kron_chunked(*spec.kron):
+        return chunk_kron_variant(spec, m, name, x_dtype)
     d1, d2, d1p, d2p, block_m = triton_fused._quantize_tile(spec, m)
     by_token = spec.kron is not None and d1p * d2p > triton_fused.MAX_FUSED_KRON_TILE
     ptrs = ("norm_w_ptr", "inv_smooth_ptr", "p1_ptr", "p2_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr")
@@ -244,6 +247,29 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
     return resources(compiled, f"quantize {label} K={k} tile={tile} w{warps}")
 
 
+def chunk_kron_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16") -> KernelResources:
+    """``_chunk_kron_quantize_kernel`` for one ``FusedQuantizeSpec`` (see ``quantize_variant``)."""
+    from stq_compiler.codegen import triton_fused
+
+    k, bits = spec.features, spec.bits
+    d1, d2 = spec.kron
+    d1p, ch = max(16, triton.next_power_of_2(d1)), triton_fused.KRON_CHUNK
+    ptrs = ("norm_w_ptr", "inv_smooth_ptr", "p1_ptr", "p2_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr", "y_ptr")
+    args = {p: "*fp32" for p in ptrs}
+    args.update({"x_ptr": f"*{x_dtype}", "q_ptr": "*u8" if spec.packed else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
+                 "M": m, "stride_xm": k, "stride_qm": (k + 1) // 2 if spec.packed else k, "eps": 1e-5})
+    constexprs = {
+        "K": k, "D1": d1, "D2": d2, "D1P": d1p, "CH": ch, "NCH": triton.cdiv(d2, ch),
+        "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": spec.packed,
+        "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight, "HAS_SMOOTH": spec.smooth, "HAS_GATE": spec.gate,
+        "KRON_PRECISION": triton_fused.KRON_PRECISION, "X_IS_BF16": x_dtype == "bf16",
+    }
+    warps = triton_fused.CHUNK_KRON_WARPS
+    compiled = compile_sm90(triton_fused._chunk_kron_quantize_kernel, args, constexprs, warps, 1)
+    label = name or " ".join(spec.stages)
+    return resources(compiled, f"quantize {label} K={k} chunks={d1p}x{ch}x{triton.cdiv(d2, ch)} w{warps}")
+
+
 def tac_variant(k: int, g: int = 16, m: int = 4096) -> KernelResources:
     """``_tac_affine_kernel`` (bfloat16 in, float32 out), as ``tac_affine_triton`` launches it."""
     from stq_compiler.codegen import triton_fused
@@ -254,8 +280,7 @@ def tac_variant(k: int, g: int = 16, m: int = 4096) -> KernelResources:
 
 
 def site_specs():
-    """(name, FusedQuantizeSpec) of every activation site of LLaDA-8B and Dream-7B (Dream-7B's
-    MLP down site's Kronecker falls back to PyTorch, see triton_fused: gate + quantize only)."""
+    """(name, FusedQuantizeSpec) of every activation site of LLaDA-8B and Dream-7B."""
     from stq_compiler.calibration.transforms import kronecker_factors
     from stq_compiler.fused_ops import FusedQuantizeSpec
 
@@ -265,7 +290,7 @@ def site_specs():
         specs.append((f"{model} qkv/gate_up", FusedQuantizeSpec(hidden, 4, rms_norm=True, kron=kron, gate=True)))
         specs.append((f"{model} o (after TAC)", FusedQuantizeSpec(hidden, 4, kron=kron, gate=True)))
     specs.append(("llada down", FusedQuantizeSpec(12288, 4, kron=kronecker_factors(12288), gate=True)))
-    specs.append(("dream down (after the PyTorch Kronecker)", FusedQuantizeSpec(18944, 4, gate=True)))
+    specs.append(("dream down", FusedQuantizeSpec(18944, 4, kron=kronecker_factors(18944), gate=True)))
     return specs
 
 

@@ -22,9 +22,12 @@ kernel. Float work:
 
 So the float parts differ from the reference by float32 summation order (the sum of squares,
 TAC's dot) and bf16x3's dropped terms: about 1e-5 relative. Factors whose padded tile exceeds
-``MAX_TOKEN_KRON_TILE`` (Dream-7B's MLP down site) are not fused: their float stages run as
-PyTorch ops before the kernel. 4-bit codes are packed (``fused_ops`` docstring) by
-splitting the tile's last axis into even/odd pairs, so ``d2`` must be even (or ``d1 = 1``).
+``MAX_TOKEN_KRON_TILE`` (Dream-7B's MLP down site, 128 x 148) run in
+``_chunk_kron_quantize_kernel``: the second factor ``KRON_CHUNK`` columns at a time, the gated
+values parked in a float32 scratch row per program until the token's min and max are known; with
+a first factor above ``MAX_CHUNK_KRON_D1`` the float stages run as PyTorch ops before the kernel.
+4-bit codes are packed (``fused_ops`` docstring) by splitting the tile's last axis into even/odd
+pairs, so ``d2`` must be even (or ``d1 = 1``).
 
 ``_fused_linear_kernel``: the tiled int8 GEMM of ``triton_rtn`` generalised to packed operands.
 With a packed operand it walks K by byte (``BLOCK_K // 2`` bytes, ``BLOCK_K`` codes) and runs
@@ -52,6 +55,7 @@ configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import os
@@ -277,6 +281,115 @@ def _token_kron_quantize_kernel(
 
 
 @triton.jit
+def _chunk_token_rows(x_t, norm_w_ptr, inv_smooth_ptr, rstd, kc, i, c,
+                      D1: tl.constexpr, D2: tl.constexpr, CH: tl.constexpr,
+                      HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """Columns ``kc·CH ..`` of one token's [D1P, D2] matrix after the norm and smoothing (zero
+    past D1 and D2), float32 [D1P, CH]."""
+    kcol = kc * CH + c
+    ok = (i < D1) & (kcol < D2)
+    col = i * D2 + kcol
+    x = tl.load(x_t + col, mask=ok, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        norm_w = x  # unused without a norm weight
+        if HAS_NORM_WEIGHT:
+            norm_w = tl.load(norm_w_ptr + col, mask=ok, other=0.0).to(tl.float32)
+        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
+    if HAS_SMOOTH:
+        x = x * tl.load(inv_smooth_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _chunk_kron_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
+    is_masked_ptr, gate_m_ptr, gate_u_ptr, y_ptr,
+    M, stride_xm, stride_qm, eps,
+    K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
+    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+):
+    """``_token_kron_quantize_kernel`` for a second factor too large for one tile (Dream-7B's MLP
+    down site, 128 x 148: padded to 128 x 256, P2 alone would need 256 KB of shared memory).
+
+    Each program takes tokens ``pid, pid + programs, ...`` and, per token, the columns of
+    ``Y = P1ᵀ (X P2)`` ``CH`` at a time: ``(X P2)[:, chunk] = Σ_kc X[:, kc] P2[kc, chunk]`` as
+    [D1P, CH] x [CH, CH] dots, then ``P1ᵀ`` times it. The gated chunks go to the program's own
+    float32 row of ``y_ptr`` (``programs x K``: 10 MB on an H200 at Dream-7B, it stays in L2) while the
+    token's min and max accumulate; after a barrier the row is read back and quantized. The
+    factors' padding is zero, so the padded columns of Y are too."""
+    pid = tl.program_id(0)
+    y_row = y_ptr + pid.to(tl.int64) * K
+    i = tl.arange(0, D1P)[:, None]
+    c = tl.arange(0, CH)[None, :]
+    r = tl.arange(0, CH)
+    r1 = tl.arange(0, D1P)
+    p1t_ok = (r1[:, None] < D1) & (r1[None, :] < D1)
+    a_is_bf16: tl.constexpr = X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH)
+    for t in range(pid, M, tl.num_programs(0)):
+        t64 = tl.cast(t, tl.int64)  # (an int in the interpreter)
+        x_t = x_ptr + t64 * stride_xm
+        rstd = tl.full([], 1.0, tl.float32)
+        if HAS_NORM:
+            ss = tl.zeros([], dtype=tl.float32)
+            for kc in range(NCH):
+                kcol = kc * CH + c
+                xk = tl.load(x_t + i * D2 + kcol, mask=(i < D1) & (kcol < D2), other=0.0).to(tl.float32)
+                ss += tl.sum(tl.sum(xk * xk, axis=1), axis=0)
+            rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
+        masked = False
+        if HAS_GATE:
+            masked = tl.load(is_masked_ptr + t) != 0
+        lo = tl.zeros([], dtype=tl.float32)
+        hi = tl.zeros([], dtype=tl.float32)
+        for jc in range(NCH):
+            jcol = jc * CH + c  # [1, CH]
+            acc = tl.zeros([D1P, CH], dtype=tl.float32)
+            for kc in range(NCH):
+                xk = _chunk_token_rows(x_t, norm_w_ptr, inv_smooth_ptr, rstd, kc, i, c, D1, D2, CH,
+                                       HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
+                krow = kc * CH + r[:, None]
+                p2 = tl.load(p2_ptr + krow * D2 + jcol, mask=(krow < D2) & (jcol < D2), other=0.0)
+                acc += _dot_f32(xk, p2.to(tl.float32), KRON_PRECISION, a_is_bf16)
+            p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=p1t_ok, other=0.0)
+            y = _dot_f32(p1t.to(tl.float32), acc, KRON_PRECISION)
+            ok = (i < D1) & (jcol < D2)
+            if HAS_GATE:
+                g_m = tl.load(gate_m_ptr + i * D2 + jcol, mask=ok, other=0.0).to(tl.float32)
+                g_u = tl.load(gate_u_ptr + i * D2 + jcol, mask=ok, other=0.0).to(tl.float32)
+                y = y * tl.where(masked, g_m, g_u)
+            y = tl.where(ok, y, 0.0)
+            lo = tl.minimum(lo, tl.min(tl.min(y, axis=1), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.max(y, axis=1), axis=0))
+            tl.store(y_row + i * D2 + jcol, y, mask=ok)
+        tl.debug_barrier()  # the row's chunks, stored by every thread, are read back by others
+        scale = tl.math.div_rn(hi - lo, LEVELS)
+        scale = tl.where(scale > 0, scale, 1.0)
+        zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
+        tl.store(scale_ptr + t, scale)
+        tl.store(zero_ptr + t, zero.to(tl.int32))
+        q_row = q_ptr + t64 * stride_qm
+        scale_tile = tl.zeros([D1P, CH], dtype=tl.float32) + scale
+        for jc in range(NCH):
+            jcol = jc * CH + c
+            ok = (i < D1) & (jcol < D2)
+            y = tl.load(y_row + i * D2 + jcol, mask=ok, other=0.0, cache_modifier=".cg")
+            q = tl.floor(tl.math.div_rn(y, scale_tile) + 0.5) + zero
+            q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
+            if PACK:
+                q = tl.where(ok, q, 0)
+                even, odd = tl.split(tl.reshape(q, (D1P, CH // 2, 2)))
+                byte = (even & 0xF) | ((odd & 0xF) << 4)
+                jb = jc * (CH // 2) + tl.arange(0, CH // 2)[None, :]
+                tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=(i < D1) & (2 * jb < D2))
+            else:
+                tl.store(q_row + i * D2 + jcol, q.to(tl.int8), mask=ok)
+        tl.debug_barrier()  # before the next token overwrites the row
+
+
+@triton.jit
 def _tac_affine_kernel(z_ptr, m_ptr, d_ptr, out_ptr, M, stride_zm, stride_om, G: tl.constexpr, BLOCK_T: tl.constexpr):
     """TAC on one block of G channels for BLOCK_T tokens: ``out = z M_bᵀ + d_b`` as one
     [BLOCK_T, G] x [G, G] float32 dot, float32 out. M_b is read once per tile of tokens."""
@@ -330,11 +443,22 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # down site, 96 x 128 padded to 128 x 128) ``_token_kron_quantize_kernel`` takes one token a
 # program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 255 registers and ~100 bytes of
 # spills (4 and 16 warps spill kilobytes and ran 2-3x slower). Larger ones (Dream-7B's down site,
-# 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) run the float
-# stages as PyTorch ops.
+# 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
+# ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 20 bytes of spills at
+# 8 warps (one program a multiprocessor); H200, 1024 tokens: 360 µs against 505 with the
+# Kronecker in PyTorch; at LLaDA-8B's 96 x 128 it takes 224 µs against the token kernel's 163
+# (benchmarks/explore/down_site.py). 32-column chunks (no spills) took 387.
 MAX_FUSED_KRON_TILE = 8192
 MAX_TOKEN_KRON_TILE = 16384
 TOKEN_KRON_WARPS = 8
+# Above MAX_TOKEN_KRON_TILE, ``_chunk_kron_quantize_kernel`` takes the second factor KRON_CHUNK
+# columns at a time when the first one's padded P1ᵀ fits a program (D1P <= MAX_CHUNK_KRON_D1),
+# CHUNK_KRON_PROGRAMS programs a multiprocessor (two ran no faster); larger first factors run the
+# float stages in PyTorch.
+KRON_CHUNK = 64
+MAX_CHUNK_KRON_D1 = 128
+CHUNK_KRON_WARPS = 8
+CHUNK_KRON_PROGRAMS = 1
 
 # _dot_f32's precision for the Kronecker stage (float32 operands; see there). H200, 1024 tokens,
 # against tf32x3 (benchmarks/explore/quantize_sites.py, down_site.py): LLaDA-8B q/k/v 35 / 38 µs,
@@ -344,6 +468,16 @@ KRON_PRECISION = "bf16x3"
 
 def _kron_tile(d1: int, d2: int) -> int:
     return max(16, triton.next_power_of_2(d1)) * max(16, triton.next_power_of_2(d2))
+
+
+def _kron_chunked(d1: int, d2: int) -> bool:
+    """Whether ``_chunk_kron_quantize_kernel`` runs these factors' Kronecker stage."""
+    return _kron_tile(d1, d2) > MAX_TOKEN_KRON_TILE and max(16, triton.next_power_of_2(d1)) <= MAX_CHUNK_KRON_D1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _quantize_tile(spec, m: int) -> tuple[int, int, int, int, int]:
@@ -386,9 +520,9 @@ def fused_quantize_triton(
         z = tac_affine_triton(x.reshape(-1, k).contiguous(), tac_m, tac_d).view(*lead, k)
         return fused_quantize_triton(z, bits, inv_smooth=inv_smooth, p1=p1, p2=p2, is_masked=is_masked,
                                      gate_masked=gate_masked, gate_unmasked=gate_unmasked, pack=pack)
-    if spec.kron is not None and _kron_tile(*spec.kron) > MAX_TOKEN_KRON_TILE:
-        # Too large for one program's registers and shared memory: the float stages run as
-        # PyTorch ops, the kernel gates, quantizes and packs. (A two-kernel path, X P2 as a tiled
+    if spec.kron is not None and _kron_tile(*spec.kron) > MAX_TOKEN_KRON_TILE and not _kron_chunked(*spec.kron):
+        # A first factor too large for the chunked kernel: the float stages run as PyTorch ops,
+        # the kernel gates, quantizes and packs. (A two-kernel path, X P2 as a tiled
         # GEMM then P1ᵀ with the quantizer, was no faster on the H200: 250-330 µs against 256 at
         # LLaDA-8B's down site, 1024 tokens; benchmarks/results/explore-quantize-sites-h200.json.)
         x = ops.transform_reference(x, norm_weight, rms_eps, tac_m, tac_d, inv_smooth, p1, p2)
@@ -411,8 +545,12 @@ def fused_quantize_triton(
         state = dummy
         if spec.gate:
             state = is_masked.reshape(-1).contiguous().view(torch.uint8)
-        d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        if spec.kron is not None and _kron_chunked(*spec.kron):
+            _launch_chunk_kron(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), arg(p1), arg(p2), state,
+                               arg(gate_masked), arg(gate_unmasked), spec, bits, rms_eps)
+            return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
+        d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
         by_token = spec.kron is not None and d1p * d2p > MAX_FUSED_KRON_TILE
         warps = TOKEN_KRON_WARPS if by_token else _quantize_warps(block_m * d1p * d2p)
         extra = {} if INTERPRET else {"num_warps": warps, "enable_fp_fusion": False}
@@ -432,6 +570,30 @@ def fused_quantize_triton(
                 HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate, KRON_PRECISION=KRON_PRECISION, **tile, **extra,
             )
     return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
+
+
+def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked,
+                       spec, bits, rms_eps) -> None:
+    """``_chunk_kron_quantize_kernel`` over the tokens of ``x2`` [m, K]: as many programs as the
+    GPU holds at once (two in the interpreter, so the token loop runs), each with a float32 row
+    of scratch."""
+    m, k = x2.shape
+    d1, d2 = spec.kron
+    if INTERPRET:
+        programs, extra = min(m, 2), {}
+    else:
+        programs = min(m, CHUNK_KRON_PROGRAMS * _multiprocessors(x2.device.index))
+        extra = {"num_warps": CHUNK_KRON_WARPS, "enable_fp_fusion": False}
+    scratch = torch.empty((programs, k), dtype=torch.float32, device=x2.device)
+    with _device_of(x2):
+        _chunk_kron_quantize_kernel[(programs,)](
+            x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked, scratch,
+            m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
+            K=k, D1=d1, D2=d2, D1P=max(16, triton.next_power_of_2(d1)), CH=KRON_CHUNK, NCH=triton.cdiv(d2, KRON_CHUNK),
+            QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
+            HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight, HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate,
+            KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, **extra,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -975,9 +1137,9 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
     kernels = (_normalised, _bf16_rounded, _bf16_dot, _dot_f32, _quantize_store, _fused_quantize_kernel,
-               _token_kron_quantize_kernel, _tac_affine_kernel, _a_planes, _k_planes, _epilogue_tile,
-               _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes, _w4_weight_tile,
-               _w4_linear_kernel_body)
+               _token_kron_quantize_kernel, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
+               _a_planes, _k_planes, _epilogue_tile, _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes,
+               _w4_weight_planes, _w4_weight_tile, _w4_activation_tile, _w4_linear_kernel_body)
     sources = {}
     for kernel in kernels:
         fn = kernel

@@ -250,12 +250,54 @@ else:
             assert_codes_agree(got, x, bits, kw, pack)
         assert launched == [(5,), (3,)]
 
+    @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
+    @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
+    def test_fused_quantize_second_factor_in_chunks(monkeypatch, stages, bits, pack):
+        # Factors above MAX_TOKEN_KRON_TILE with a first factor that fits (Dream-7B's down site on
+        # the GPU, 128 x 148): _chunk_kron_quantize_kernel, here with the limits lowered and
+        # 16-column chunks: (6, 40) padded to 16 x 48 (three chunks, the last one partial) over 5
+        # tokens and 2 programs (3 and 2 tokens each), and (12, 32) in two full chunks over 1 token.
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
+        monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
+        launched = []
+        kernel = triton_fused._chunk_kron_quantize_kernel
+        monkeypatch.setattr(triton_fused, "_chunk_kron_quantize_kernel",
+                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        for m, kron in ((5, (6, 40)), (1, (12, 32))):
+            k = kron[0] * kron[1]
+            gen = _gen("chunks", stages, bits, m)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
+            got = fused_quantize_triton(x, bits, **kw, pack=pack)
+            assert_codes_agree(got, x, bits, kw, pack)
+        assert launched == [(2,), (1,)]
+
+    def test_fused_quantize_chunks_exact_with_exact_transforms(monkeypatch):
+        # The chunked kernel with signed permutations (every product by ±1 or 0, one nonzero term a
+        # sum; bfloat16 inputs split exactly): bit for bit the reference's codes, scales and zeros.
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
+        monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
+        m, kron = 7, (6, 40)
+        k = kron[0] * kron[1]
+        gen = _gen("chunks-exact")
+        x = _activation(m, k, torch.bfloat16, gen)
+        kw = _stage_args(("gate",), m, k, None, gen, torch.bfloat16)
+        kw["p1"], kw["p2"] = _signed_permutation(kron[0], gen), _signed_permutation(kron[1], gen)
+        for bits in (4, 8):
+            assert_codes_agree(fused_quantize_triton(x, bits, **kw), x, bits, kw, exact=True)
+
     @pytest.mark.parametrize("stages", [("kron", "gate"), ("norm", "kron", "gate"), ("tac", "kron", "gate")],
                              ids=lambda s: "+".join(s))
     def test_fused_quantize_large_kron_falls_back(monkeypatch, stages):
-        # Factors above MAX_TOKEN_KRON_TILE: float stages in PyTorch, then the kernel.
+        # Factors above MAX_TOKEN_KRON_TILE with a first factor above MAX_CHUNK_KRON_D1: float
+        # stages in PyTorch, then the kernel.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 8)
         m, k, kron = 5, 48, (6, 8)
         gen = _gen("fallback", stages)
         x = _activation(m, k, torch.bfloat16, gen)

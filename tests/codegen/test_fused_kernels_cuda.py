@@ -118,7 +118,8 @@ def test_fused_quantize_real_shapes(model, site, m, bits):
     ok, numbers = code_agreement((q, scale, zero), want, reference_values(x.cpu(), **cpu), k, bits)
     tile = triton_fused._kron_tile(*kronecker_factors(k))
     path = ("fused" if tile <= triton_fused.MAX_FUSED_KRON_TILE else
-            "token-kron" if tile <= triton_fused.MAX_TOKEN_KRON_TILE else "torch-kron")
+            "token-kron" if tile <= triton_fused.MAX_TOKEN_KRON_TILE else
+            "chunk-kron" if triton_fused._kron_chunked(*kronecker_factors(k)) else "torch-kron")
     report("fused_quantize", f"{model} {site} M={m} K={k} a{bits} {path}", ok, **numbers)
     assert ok
 

@@ -103,3 +103,16 @@ def test_fused_quantize_one_token_a_program_on_tensor_cores():
     assert r.uses_wgmma
     assert r.spill_bytes <= 256
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
+
+
+def test_fused_quantize_second_factor_in_chunks_on_tensor_cores():
+    # Dream-7B's MLP down site: 128 x 148, too large for one token's tile (P2 alone 256 KB):
+    # _chunk_kron_quantize_kernel, 64 columns of the second factor at a time. 20 bytes of spills
+    # at 8 warps (255 registers), 64 KB of shared memory.
+    spec = FusedQuantizeSpec(18944, 4, kron=(128, 148), gate=True, pack=False)
+    r = hopper_codegen.quantize_variant(spec, m=1024)
+    print(r.row())
+    assert "chunks=128x64x3" in r.name
+    assert r.uses_wgmma
+    assert r.spill_bytes <= 64
+    assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
