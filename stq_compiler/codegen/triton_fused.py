@@ -232,6 +232,21 @@ def _fused_quantize_kernel(
 
 
 @triton.jit
+def _norm_smooth(x, rstd, col, ok, norm_w_ptr, inv_smooth_ptr,
+                 HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """The RMSNorm (given the token's ``rstd``) and the smoothing of a tile of one token's
+    features ``col`` (``ok``: inside the token)."""
+    if HAS_NORM:
+        norm_w = x  # unused without a norm weight
+        if HAS_NORM_WEIGHT:
+            norm_w = tl.load(norm_w_ptr + col, mask=ok, other=0.0).to(tl.float32)
+        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
+    if HAS_SMOOTH:
+        x = x * tl.load(inv_smooth_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _token_kron_quantize_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr,
     norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
@@ -252,15 +267,11 @@ def _token_kron_quantize_kernel(
     col = i * D2 + j
     col_ok = (i < D1) & (j < D2)
     x = tl.load(x_ptr + t.to(tl.int64) * stride_xm + col, mask=col_ok, other=0.0).to(tl.float32)
+    rstd = 1.0
     if HAS_NORM:
         ms = tl.math.div_rn(tl.sum(tl.sum(x * x, axis=1), axis=0), K * 1.0) + eps
         rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms))
-        norm_w = x  # unused without a norm weight
-        if HAS_NORM_WEIGHT:
-            norm_w = tl.load(norm_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
-    if HAS_SMOOTH:
-        x = x * tl.load(inv_smooth_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    x = _norm_smooth(x, rstd, col, col_ok, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
     # padding rows/columns of the factors are zero
     r2 = tl.arange(0, D2P)
     p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
@@ -290,14 +301,7 @@ def _chunk_token_rows(x_t, norm_w_ptr, inv_smooth_ptr, rstd, kc, i, c,
     ok = (i < D1) & (kcol < D2)
     col = i * D2 + kcol
     x = tl.load(x_t + col, mask=ok, other=0.0).to(tl.float32)
-    if HAS_NORM:
-        norm_w = x  # unused without a norm weight
-        if HAS_NORM_WEIGHT:
-            norm_w = tl.load(norm_w_ptr + col, mask=ok, other=0.0).to(tl.float32)
-        x = _normalised(x, rstd, norm_w, HAS_NORM, HAS_NORM_WEIGHT)
-    if HAS_SMOOTH:
-        x = x * tl.load(inv_smooth_ptr + col, mask=ok, other=0.0).to(tl.float32)
-    return x
+    return _norm_smooth(x, rstd, col, ok, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
 
 
 @triton.jit
@@ -1137,7 +1141,7 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
     kernels = (_normalised, _bf16_rounded, _bf16_dot, _dot_f32, _quantize_store, _fused_quantize_kernel,
-               _token_kron_quantize_kernel, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
+               _norm_smooth, _token_kron_quantize_kernel, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
                _a_planes, _k_planes, _epilogue_tile, _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes,
                _w4_weight_planes, _w4_weight_tile, _w4_activation_tile, _w4_linear_kernel_body)
     sources = {}
