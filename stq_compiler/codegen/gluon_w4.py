@@ -39,9 +39,9 @@ import math
 import textwrap
 
 import torch
-import triton
 
 from stq_compiler.codegen.triton_fused import SWAR_NIBBLES_ASM
+from stq_compiler.codegen.triton_rtn import cdiv
 
 try:  # Gluon is experimental: present in Triton 3.5+
     from triton.experimental import gluon
@@ -90,7 +90,7 @@ def config_for(m: int, n: int, device_index: int) -> tuple[int, int, int, int]:
     sms = _multiprocessors(device_index)
 
     def time(config, tile_time):
-        return math.ceil(triton.cdiv(m, config[1]) * triton.cdiv(n, config[0]) / sms) * tile_time
+        return math.ceil(cdiv(m, config[1]) * cdiv(n, config[0]) / sms) * tile_time
 
     return small if time(small, SMALL_TILE_TIME) < time(big, 1.0) else big
 
@@ -256,7 +256,7 @@ def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k
     a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.int8)
     w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [block_n, BLOCK_K // 2], w_layout)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, BLOCK_K], a_layout)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
     _w4_gluon_kernel[grid](
         w_desc, a_desc, x_scale, x_zero, w_scale, w_sum,
         bias if bias is not None else w_scale, residual if residual is not None else y, y,

@@ -67,7 +67,9 @@ import triton.language as tl
 
 # the plain int8 GEMM's launch order, config builder and large-block interpreter configuration
 from stq_compiler import tac_ops
-from stq_compiler.codegen.triton_rtn import _INTERPRET_GEMM_CONFIG, _gemm_config, grouped_tile, row_tiles_fitting
+from stq_compiler.codegen.triton_rtn import (
+    _INTERPRET_GEMM_CONFIG, _gemm_config, cdiv, grouped_tile, next_power_of_2, row_tiles_fitting,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRETING = tl.constexpr(INTERPRET)  # the same, readable inside kernels
@@ -423,7 +425,7 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
         return out
     # tl.dot wants every dimension >= 16 (g = 16 by default); smaller blocks embed in a 16 x 16
     # block-diagonal tile, exactly: the added products are with zeros
-    group = max(16, triton.next_power_of_2(g))
+    group = max(16, next_power_of_2(g))
     tac_m = tac_m.float()
     if group % g or k % group:  # blocks that do not tile 16 (g = 12, say): PyTorch
         return tac_ops.tac_block_affine_reference(z.float(), tac_m, tac_d.float())
@@ -435,7 +437,7 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
         tac_m = tiles
     block_t = 64 if INTERPRET else 128
     with _device_of(z):
-        _tac_affine_kernel[(k // group, triton.cdiv(m, block_t))](
+        _tac_affine_kernel[(k // group, cdiv(m, block_t))](
             z, tac_m.contiguous(), tac_d.float().contiguous(), out, m, z.stride(0), out.stride(0), G=group, BLOCK_T=block_t,
         )
     return out
@@ -471,12 +473,12 @@ KRON_PRECISION = "bf16x3"
 
 
 def _kron_tile(d1: int, d2: int) -> int:
-    return max(16, triton.next_power_of_2(d1)) * max(16, triton.next_power_of_2(d2))
+    return max(16, next_power_of_2(d1)) * max(16, next_power_of_2(d2))
 
 
 def _kron_chunked(d1: int, d2: int) -> bool:
     """Whether ``_chunk_kron_quantize_kernel`` runs these factors' Kronecker stage."""
-    return _kron_tile(d1, d2) > MAX_TOKEN_KRON_TILE and max(16, triton.next_power_of_2(d1)) <= MAX_CHUNK_KRON_D1
+    return _kron_tile(d1, d2) > MAX_TOKEN_KRON_TILE and max(16, next_power_of_2(d1)) <= MAX_CHUNK_KRON_D1
 
 
 @functools.lru_cache(maxsize=None)
@@ -490,16 +492,16 @@ def _quantize_tile(spec, m: int) -> tuple[int, int, int, int, int]:
     if spec.kron is not None:
         d1, d2 = spec.kron
         # tl.dot wants every dimension >= 16
-        d1p, d2p = max(16, triton.next_power_of_2(d1)), max(16, triton.next_power_of_2(d2))
+        d1p, d2p = max(16, next_power_of_2(d1)), max(16, next_power_of_2(d2))
         if d1p * d2p > MAX_TOKEN_KRON_TILE:
             raise ValueError(f"Kronecker factors {spec.kron} are too large for the fused kernels")
         if d1p * d2p > MAX_FUSED_KRON_TILE:
             return d1, d2, d1p, d2p, 1
     else:
         d1, d2 = 1, spec.features
-        d1p, d2p = 1, max(2, triton.next_power_of_2(d2))
+        d1p, d2p = 1, max(2, next_power_of_2(d2))
     budget = 16384 if INTERPRET else 8192  # float32 elements a program holds per tile
-    block_m = max(1, min(triton.next_power_of_2(m), budget // (d1p * d2p)))
+    block_m = max(1, min(next_power_of_2(m), budget // (d1p * d2p)))
     return d1, d2, d1p, d2p, block_m
 
 
@@ -563,7 +565,7 @@ def fused_quantize_triton(
         else:
             kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
         with _device_of(x2):
-            kernel[(triton.cdiv(m, block_m),)](
+            kernel[(cdiv(m, block_m),)](
                 x2, q, scale, zero,
                 arg(norm_weight), arg(inv_smooth), arg(p1), arg(p2),
                 state, arg(gate_masked), arg(gate_unmasked),
@@ -593,7 +595,7 @@ def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, stat
         _chunk_kron_quantize_kernel[(programs,)](
             x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked, scratch,
             m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
-            K=k, D1=d1, D2=d2, D1P=max(16, triton.next_power_of_2(d1)), CH=KRON_CHUNK, NCH=triton.cdiv(d2, KRON_CHUNK),
+            K=k, D1=d1, D2=d2, D1P=max(16, next_power_of_2(d1)), CH=KRON_CHUNK, NCH=cdiv(d2, KRON_CHUNK),
             QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
             HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight, HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate,
             KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, **extra,
@@ -1057,7 +1059,7 @@ def fused_linear_triton(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual,
                  "SWIGLU": swiglu, "HAS_RESIDUAL": residual is not None, "BF16_BITS": bf16_bits}
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
         if b_packed and not a_packed:
             _launch_w4(args, {**flags, "BLOCKED": blocked}, grid, config)

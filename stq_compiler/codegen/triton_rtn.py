@@ -34,6 +34,17 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+# Host-side twins of ``triton.cdiv`` and ``triton.next_power_of_2``: in Triton 3.7 those are
+# constexpr functions, whose call from Python costs a few microseconds (argument unwrapping), and
+# the launch paths call them several times per op (without CUDA graphs that is host time per step).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
 # Float dtypes the kernels load directly; any other float dtype is converted to float32 first
 # (exact for narrower formats, and the reference does the same with ``x.float()``).
 _LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -107,9 +118,9 @@ def _quantize_per_token_kernel(
 
 def _quantize_blocks(m: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps): about 4K elements a tile on the GPU, 16K in the interpreter."""
-    block_k = min(triton.next_power_of_2(k), 16384 if INTERPRET else 4096)
+    block_k = min(next_power_of_2(k), 16384 if INTERPRET else 4096)
     tile = 16384 if INTERPRET else 4096
-    block_m = max(1, min(triton.next_power_of_2(m), tile // block_k))
+    block_m = max(1, min(next_power_of_2(m), tile // block_k))
     num_warps = 8 if block_m * block_k >= 4096 else 4
     return block_m, block_k, num_warps
 
@@ -144,7 +155,7 @@ def quantize_per_token_triton(
             state, gate_m, gate_u = scale, scale, scale  # never read
         block_m, block_k, num_warps = _quantize_blocks(m, k)
         with _device_of(x2):
-            _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
+            _quantize_per_token_kernel[(cdiv(m, block_m),)](
                 x2, q, scale, zero, state, gate_m, gate_u,
                 m, k, x2.stride(0), q.stride(0),
                 QMIN=qmin, QMAX=qmax, LEVELS=float((1 << bits) - 1),
@@ -263,7 +274,7 @@ def row_tiles_fitting(configs, m: int):
     tokens, >= 64 for many."""
     if m > 64:
         return [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    cap = max(16, triton.next_power_of_2(m))
+    cap = max(16, next_power_of_2(m))
     return [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
 
 
@@ -313,7 +324,7 @@ def quantized_linear_triton(
             args = (*args[:7], y.view(torch.int16), *args[8:])
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
         with _device_of(a):
             if INTERPRET:

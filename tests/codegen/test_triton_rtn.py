@@ -247,3 +247,17 @@ else:
             torch.ones(n, 1, dtype=torch.int8), vals, torch.ones(n, dtype=torch.int32), None, torch.bfloat16,
         )
         assert torch.equal(y.view(torch.int16), vals.to(torch.bfloat16).reshape(1, n).view(torch.int16))
+
+
+def test_host_cdiv_and_next_power_of_2_match_triton():
+    # the launch paths' plain-Python twins of triton.cdiv / triton.next_power_of_2
+    import triton
+
+    from stq_compiler.codegen.triton_rtn import cdiv, next_power_of_2
+
+    for n in range(0, 70000, 7):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 2, 3, 16, 64, 128, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d)
+    for n in (2**k + e for k in range(1, 31) for e in (-1, 0, 1)):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
