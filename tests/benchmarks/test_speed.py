@@ -87,3 +87,15 @@ def test_tiny_every_row_and_mode_on_the_gpu(speed, tmp_path):
         assert r["cudagraphs"] == (r["mode"] == "reduce-overhead")
         if r["row"].startswith(("starquant", "w8a8", "fp8")):
             assert r["float_weights_released_bytes"] > 0 and r["weight_bytes"] < r["float_weight_gb"] * 2**30
+
+
+def test_bench_close_gives_the_models_storage_back(speed):
+    # switching models in one run: whatever still refers to the closed model's tensors (on the GPU
+    # something compiled did) must not keep their bytes
+    args = speed.parse_args(["--tiny"])
+    bench = speed.Bench("llada", args)
+    tensors = [*bench.model.parameters(), *bench.model.buffers()]
+    assert sum(t.untyped_storage().nbytes() for t in tensors) > 0
+    bench.close()
+    assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
+    assert not hasattr(bench, "model")
