@@ -341,8 +341,7 @@ def _chunk_kron_quantize_kernel(
         if HAS_NORM:
             ss = tl.zeros([], dtype=tl.float32)
             for kc in range(NCH):
-                kcol = kc * CH + c
-                xk = tl.load(x_t + i * D2 + kcol, mask=(i < D1) & (kcol < D2), other=0.0).to(tl.float32)
+                xk = _chunk_token_rows(x_t, norm_w_ptr, inv_smooth_ptr, rstd, kc, i, c, D1, D2, CH, False, False, False)
                 ss += tl.sum(tl.sum(xk * xk, axis=1), axis=0)
             rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
         masked = False
