@@ -60,7 +60,7 @@ class patched:
 
 
 def variants(site):
-    out = [("production", {}), ("tf32x3", {"KRON_PRECISION": "tf32x3"})]
+    out = [("production", {}), ("tf32x3", {"KRON_PRECISION": "tf32x3"}), ("bf16", {"KRON_PRECISION": "bf16"})]
     if SITES[site][0] <= 4096:
         out.append(("tf32", {"KRON_PRECISION": "tf32"}))
     return out

@@ -15,13 +15,21 @@ kernel. Float work:
   ``KRON_PRECISION = "bf16x3"``: both float32 operands split into bfloat16 hi + lo, three
   bfloat16 tensor-core products, float32 accumulation, about 1e-5 relative (plain TF32 would
   cost ~1e-3 and move 0.15 % of the codes; tf32x3, 1e-6, was 10-35 % slower; ``"ieee"`` lowers
-  to unrolled FMAs that spill ~10 KB a thread at d = 4096 on sm_90a). The splits are rounded by
-  integer arithmetic and, in the interpreter, multiplied in float32, so the interpreter runs the
-  same arithmetic as the GPU;
-* gate, min/max, IEEE divisions and ``floor(v + 0.5)`` as in ``stq::quantize_per_token``.
+  to unrolled FMAs that spill ~10 KB a thread at d = 4096 on sm_90a). The splits are rounded to
+  nearest even by the GPU's conversion instruction and, in the interpreter, by integer arithmetic
+  and multiplied in float32, so the interpreter runs the same arithmetic as the GPU;
+* gate, min/max over the token (flattened: a reduction axis by axis cost a shuffle tree per row),
+  ``floor(v / scale + 0.5)`` as in ``stq::quantize_per_token``: the division correctly rounded
+  where no float stage precedes it (gate and quantize only: bit-exact), otherwise as a multiply
+  by ``1 / scale`` (within 1.5 ulp, far below the float stages' error; a correctly rounded
+  division costs ~20 instructions an element).
 
 So the float parts differ from the reference by float32 summation order (the sum of squares,
-TAC's dot) and bf16x3's dropped terms: about 1e-5 relative. Factors whose padded tile exceeds
+TAC's dot) and bf16x3's dropped terms: about 1e-5 relative. On the H200 at 1024 tokens these
+three choices (hardware rounding, flat min/max, reciprocal) took LLaDA-8B's q/k/v site from 35
+to 17 µs and its down site from 164 to 95 (``benchmarks/results/explore-quantize-sites-h200.json``:
+the SASS a token lost 58 % of its instructions; Nsight Compute showed the kernels issue-bound at
+one or two programs a multiprocessor). Factors whose padded tile exceeds
 ``MAX_TOKEN_KRON_TILE`` (Dream-7B's MLP down site, 128 x 148) run in
 ``_chunk_kron_quantize_kernel``: the second factor ``KRON_CHUNK`` columns at a time, the gated
 values parked in a float32 scratch row per program until the token's min and max are known; with
@@ -100,13 +108,17 @@ def _normalised(x, rstd, w, HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexp
 
 @triton.jit
 def _bf16_rounded(x):
-    """float32 -> the nearest bfloat16 value (ties to even), still float32. By integer arithmetic:
-    the interpreter's own conversion truncates. (Infinities stay; a NaN may round to a zero, and
-    ``_dot_f32`` then carries it in the lo part.) Not ``_bfloat16_bits_rne``: its NaN select
-    raised the down-site kernel's register spills from 316 to 508 bytes (sm_90a, ptxas)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    """float32 -> the nearest bfloat16 value (ties to even), still float32. On the GPU by the
+    conversion instruction; in the interpreter, whose own conversion truncates, by integer
+    arithmetic (infinities stay; a NaN may round to a zero, and ``_dot_f32`` then carries it in
+    the lo part). The integer version on the GPU cost a quarter of the down-site kernel's
+    instructions (sm_90a SASS)."""
+    if INTERPRETING:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:  # the hardware's conversion rounds to nearest even (cvt.rn.bf16x2.f32: one instruction a pair)
+        return x.to(tl.bfloat16).to(tl.float32)
 
 
 @triton.jit
@@ -140,30 +152,52 @@ def _dot_f32(a, b, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr = False):
             acc = _bf16_dot(_bf16_rounded(a - a_hi), b_hi, acc, INTERPRETING)
         acc = _bf16_dot(a_hi, b_lo, acc, INTERPRETING)
         return _bf16_dot(a_hi, b_hi, acc, INTERPRETING)
+    elif PRECISION == "bf16":
+        # one bfloat16 product: about 2^-9 relative, not the reference's float32 (probes only)
+        a_hi = a if A_IS_BF16 else _bf16_rounded(a)
+        return _bf16_dot(a_hi, _bf16_rounded(b), tl.zeros([a.shape[0], b.shape[1]], dtype=tl.float32), INTERPRETING)
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scaled(x, scale, EXACT_DIV: tl.constexpr):
+    """``x / scale`` (``scale`` broadcast): correctly rounded with ``EXACT_DIV``, else as
+    ``x · (1 / scale)`` (one multiply an element instead of a division's ~20 instructions)."""
+    if EXACT_DIV:
+        return tl.math.div_rn(x, tl.broadcast_to(scale, x.shape))
+    else:
+        return x * tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
 @triton.jit
 def _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, stride_qm,
                     D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
                     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
+                    BLOCK_M: tl.constexpr, EXACT_DIV: tl.constexpr):
     """Per-token asymmetric quantize of the float32 tile ``x`` [BLOCK_M, D1P, D2P] (feature
     ``i·d2 + j`` at ``[:, i, j]``), as ``stq::quantize_per_token``; stores codes (packed two a
-    byte with ``PACK``), scales and zero points of ``rows``."""
+    byte with ``PACK``), scales and zero points of ``rows``. ``EXACT_DIV``: ``x / scale``
+    correctly rounded, as the reference divides; otherwise ``x · (1 / scale)``, within 1.5 ulp
+    of it, for tiles whose float stages already differ from the reference's by far more."""
     x = tl.where(ok, x, 0.0)  # padding is 0 after every stage; make sure, so it cannot move lo/hi
     col = i * D2 + j
-    lo = tl.minimum(tl.min(tl.min(x, axis=2), axis=1), 0.0)
-    hi = tl.maximum(tl.max(tl.max(x, axis=2), axis=1), 0.0)
+    if BLOCK_M == 1:  # one token: any order will do, so no data moves between threads first
+        flat = tl.reshape(x, (D1P * D2P,), can_reorder=True)
+        lo = tl.minimum(tl.min(flat, axis=0), 0.0) + tl.zeros([1], dtype=tl.float32)
+        hi = tl.maximum(tl.max(flat, axis=0), 0.0) + tl.zeros([1], dtype=tl.float32)
+    else:
+        flat = tl.reshape(x, (BLOCK_M, D1P * D2P))
+        lo = tl.minimum(tl.min(flat, axis=1), 0.0)
+        hi = tl.maximum(tl.max(flat, axis=1), 0.0)
     scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
     scale = tl.where(scale > 0, scale, 1.0)
     zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
 
-    scale_tile = tl.broadcast_to(scale[:, None, None], (BLOCK_M, D1P, D2P))
-    q = tl.floor(tl.math.div_rn(x, scale_tile) + 0.5) + zero[:, None, None]
+    q = _scaled(x, scale[:, None, None], EXACT_DIV)
+    q = tl.floor(q + 0.5) + zero[:, None, None]
     q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
     q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
     if PACK:
@@ -230,7 +264,7 @@ def _fused_quantize_kernel(
         g_u = tl.load(gate_u_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         x = x * tl.where(masked[:, None, None], g_m, g_u)
     _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, stride_qm,
-                    D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, BLOCK_M)
+                    D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, BLOCK_M, not (HAS_NORM or HAS_SMOOTH or HAS_KRON))
 
 
 @triton.jit
@@ -290,7 +324,7 @@ def _token_kron_quantize_kernel(
     rows = t + tl.arange(0, 1)
     row_ok = rows < M
     _quantize_store(x[None, :, :], rows, row_ok, i[None, :, :], j[None, :, :], row_ok[:, None, None] & col_ok[None, :, :],
-                    q_ptr, scale_ptr, zero_ptr, stride_qm, D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, 1)
+                    q_ptr, scale_ptr, zero_ptr, stride_qm, D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, 1, False)
 
 
 @triton.jit
@@ -376,12 +410,11 @@ def _chunk_kron_quantize_kernel(
         tl.store(scale_ptr + t, scale)
         tl.store(zero_ptr + t, zero.to(tl.int32))
         q_row = q_ptr + t64 * stride_qm
-        scale_tile = tl.zeros([D1P, CH], dtype=tl.float32) + scale
         for jc in range(NCH):
             jcol = jc * CH + c
             ok = (i < D1) & (jcol < D2)
             y = tl.load(y_row + i * D2 + jcol, mask=ok, other=0.0, cache_modifier=".cg")
-            q = tl.floor(tl.math.div_rn(y, scale_tile) + 0.5) + zero
+            q = tl.floor(_scaled(y, scale, False) + 0.5) + zero
             q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
             if PACK:
                 q = tl.where(ok, q, 0)
@@ -446,13 +479,14 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # and both factors in one program (the dots stage them through shared memory): up to 64 x 128
 # float32 (LLaDA's and Dream's hidden sizes: 64 x 64). Up to MAX_TOKEN_KRON_TILE (LLaDA-8B's MLP
 # down site, 96 x 128 padded to 128 x 128) ``_token_kron_quantize_kernel`` takes one token a
-# program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 255 registers and ~100 bytes of
-# spills (4 and 16 warps spill kilobytes and ran 2-3x slower). Larger ones (Dream-7B's down site,
+# program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 190 registers, no spills (4 and
+# 16 warps spilled kilobytes and ran 2-3x slower, before the instruction cuts of session 8). Larger ones (Dream-7B's down site,
 # 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
-# ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 20 bytes of spills at
+# ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 56 bytes of spills at
 # 8 warps (one program a multiprocessor); H200, 1024 tokens: 360 µs against 505 with the
-# Kronecker in PyTorch; at LLaDA-8B's 96 x 128 it takes 224 µs against the token kernel's 163
-# (benchmarks/explore/down_site.py). 32-column chunks (no spills) took 387.
+# Kronecker in PyTorch (259 since the instruction cuts); at LLaDA-8B's 96 x 128 it took 224 µs
+# against the token kernel's 163 (benchmarks/explore/down_site.py). 32-column chunks (no spills)
+# took 387.
 MAX_FUSED_KRON_TILE = 8192
 MAX_TOKEN_KRON_TILE = 16384
 TOKEN_KRON_WARPS = 8
@@ -466,8 +500,8 @@ CHUNK_KRON_WARPS = 8
 CHUNK_KRON_PROGRAMS = 1
 
 # _dot_f32's precision for the Kronecker stage (float32 operands; see there). H200, 1024 tokens,
-# against tf32x3 (benchmarks/explore/quantize_sites.py, down_site.py): LLaDA-8B q/k/v 35 / 38 µs,
-# o (after TAC) 45 / 64, down 164 / 252 (one token a program; 256 as PyTorch FFMA + kernel).
+# against tf32x3 (benchmarks/explore/quantize_sites.py, down_site.py): LLaDA-8B q/k/v 17 / 34 µs,
+# o (TAC kernel + this) 37 / 57, down 95 / 194 (one token a program; 256 as PyTorch FFMA + kernel).
 KRON_PRECISION = "bf16x3"
 
 
