@@ -2,9 +2,11 @@
 with a variant that could replace it.
 
 * ``production``: ``triton_fused.fused_quantize_triton`` as is (TAC as its own kernel first;
-  LLaDA-8B's down site one token a program, Dream-7B's down site's Kronecker in PyTorch float32,
-  its padded tile exceeding ``MAX_TOKEN_KRON_TILE``);
+  LLaDA-8B's down site one token a program, Dream-7B's in ``_chunk_kron_quantize_kernel``, its
+  padded tile exceeding ``MAX_TOKEN_KRON_TILE``);
 * ``tf32``: the Kronecker dots in one TF32 pass: how many codes move;
+* ``maxnreg=N`` (``--registers``): registers capped at N a thread (ptxas), so that more programs fit a
+  multiprocessor;
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -59,10 +61,16 @@ class patched:
             setattr(triton_fused, name, value)
 
 
-def variants(site):
-    out = [("production", {}), ("tf32x3", {"KRON_PRECISION": "tf32x3"}), ("bf16", {"KRON_PRECISION": "bf16"})]
-    if SITES[site][0] <= 4096:
-        out.append(("tf32", {"KRON_PRECISION": "tf32"}))
+def variants(site, extra=False):
+    out = [("production", {})]
+    if not extra:
+        out += [("tf32x3", {"KRON_PRECISION": "tf32x3"}), ("bf16", {"KRON_PRECISION": "bf16"})]
+        if SITES[site][0] <= 4096:
+            out.append(("tf32", {"KRON_PRECISION": "tf32"}))
+    elif SITES[site][0] <= 4096:  # registers capped for more programs a multiprocessor
+        out += [(f"maxnreg={n}", {"QUANTIZE_MAXNREG": n}) for n in (128, 80, 64)]
+    elif "llada" in site:
+        out += [(f"maxnreg={n}", {"TOKEN_KRON_MAXNREG": n}) for n in (128, 112)]
     return out
 
 
@@ -70,6 +78,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="quantize-sites.json")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--registers", action="store_true", help="production beside register caps, not precisions")
     args = ap.parse_args()
     rows = []
     for m in args.tokens:
@@ -82,7 +91,7 @@ def main():
                 kw.update(tac_m=tac_m, tac_d=tac_d)
             cpu_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
             want = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu_kw, pack=False)
-            for name, patch in variants(site):
+            for name, patch in variants(site, args.registers):
                 def fn():
                     with patched(**patch):
                         return triton_fused.fused_quantize_triton(x, 4, **kw, pack=False)

@@ -64,9 +64,10 @@ def available() -> bool:
     return os.path.exists(_nvidia_bin("ptxas")) and os.path.exists(_nvidia_bin("cuobjdump"))
 
 
-def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None):
     """``args``: argument name -> pointer type string (``"*i8"``, 16-byte aligned) or a sample
-    value (int or float); ``constexprs``: the ``tl.constexpr`` arguments."""
+    value (int or float); ``constexprs``: the ``tl.constexpr`` arguments; ``maxnreg``: registers
+    a thread at most, as the launch asks."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -90,6 +91,8 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": False}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -238,11 +241,13 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
     if by_token:
         kernel, warps, tile = triton_fused._token_kron_quantize_kernel, triton_fused.TOKEN_KRON_WARPS, f"1x{d1p}x{d2p}"
         constexprs["X_IS_BF16"] = x_dtype == "bf16"
+        maxnreg = triton_fused.TOKEN_KRON_MAXNREG
     else:
         kernel, warps = triton_fused._fused_quantize_kernel, triton_fused._quantize_warps(block_m * d1p * d2p)
         constexprs.update({"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m})
         tile = f"{block_m}x{d1p}x{d2p}"
-    compiled = compile_sm90(kernel, args, constexprs, warps, 1)
+        maxnreg = triton_fused.QUANTIZE_MAXNREG
+    compiled = compile_sm90(kernel, args, constexprs, warps, 1, maxnreg)
     label = name or " ".join(spec.stages)
     return resources(compiled, f"quantize {label} K={k} tile={tile} w{warps}")
 

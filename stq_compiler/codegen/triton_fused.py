@@ -171,6 +171,16 @@ def _scaled(x, scale, EXACT_DIV: tl.constexpr):
 
 
 @triton.jit
+def _scale_zero(lo, hi, QMIN: tl.constexpr, LEVELS: tl.constexpr):
+    """A token's scale and zero point from its min and max (already clamped to include 0), as
+    ``stq::quantize_per_token`` forms them."""
+    scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
+    scale = tl.where(scale > 0, scale, 1.0)
+    zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
+    return scale, zero
+
+
+@triton.jit
 def _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, stride_qm,
                     D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
                     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
@@ -181,23 +191,13 @@ def _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, strid
     correctly rounded, as the reference divides; otherwise ``x · (1 / scale)``, within 1.5 ulp
     of it, for tiles whose float stages already differ from the reference's by far more."""
     x = tl.where(ok, x, 0.0)  # padding is 0 after every stage; make sure, so it cannot move lo/hi
-    col = i * D2 + j
-    if BLOCK_M == 1:  # one token: any order will do, so no data moves between threads first
-        flat = tl.reshape(x, (D1P * D2P,), can_reorder=True)
-        lo = tl.minimum(tl.min(flat, axis=0), 0.0) + tl.zeros([1], dtype=tl.float32)
-        hi = tl.maximum(tl.max(flat, axis=0), 0.0) + tl.zeros([1], dtype=tl.float32)
-    else:
-        flat = tl.reshape(x, (BLOCK_M, D1P * D2P))
-        lo = tl.minimum(tl.min(flat, axis=1), 0.0)
-        hi = tl.maximum(tl.max(flat, axis=1), 0.0)
-    scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_M], LEVELS, tl.float32))
-    scale = tl.where(scale > 0, scale, 1.0)
-    zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
+    # over the flattened token (axis by axis, the first reduction ran a shuffle tree per row);
+    # one token in any order, so no data moves between threads first
+    flat = tl.reshape(x, (BLOCK_M, D1P * D2P), can_reorder=BLOCK_M == 1)
+    scale, zero = _scale_zero(tl.minimum(tl.min(flat, axis=1), 0.0), tl.maximum(tl.max(flat, axis=1), 0.0), QMIN, LEVELS)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
-
-    q = _scaled(x, scale[:, None, None], EXACT_DIV)
-    q = tl.floor(q + 0.5) + zero[:, None, None]
+    q = tl.floor(_scaled(x, scale[:, None, None], EXACT_DIV) + 0.5) + zero[:, None, None]
     q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
     q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
     if PACK:
@@ -208,7 +208,7 @@ def _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, strid
         byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
         tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
     else:
-        tl.store(q_row + col, q.to(tl.int8), mask=ok)
+        tl.store(q_row + i * D2 + j, q.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -404,9 +404,7 @@ def _chunk_kron_quantize_kernel(
             hi = tl.maximum(hi, tl.max(tl.max(y, axis=1), axis=0))
             tl.store(y_row + i * D2 + jcol, y, mask=ok)
         tl.debug_barrier()  # the row's chunks, stored by every thread, are read back by others
-        scale = tl.math.div_rn(hi - lo, LEVELS)
-        scale = tl.where(scale > 0, scale, 1.0)
-        zero = QMIN - tl.floor(tl.math.div_rn(lo, scale) + 0.5)
+        scale, zero = _scale_zero(lo, hi, QMIN, LEVELS)
         tl.store(scale_ptr + t, scale)
         tl.store(zero_ptr + t, zero.to(tl.int32))
         q_row = q_ptr + t64 * stride_qm
@@ -490,6 +488,15 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 MAX_FUSED_KRON_TILE = 8192
 MAX_TOKEN_KRON_TILE = 16384
 TOKEN_KRON_WARPS = 8
+# registers a thread at most (ptxas -maxrregcount), for more programs a multiprocessor; None: ptxas's
+# choice. H200, 1024 / 4096 tokens (benchmarks/explore/quantize_sites.py --registers): the token
+# kernel capped at 128 (two programs a multiprocessor, ~300 bytes of spills) ran 92 / 350 µs
+# against 97 / 386 uncapped (185 registers) with a word-store variant not kept; with the byte
+# stores kept, 96 against 95 at 1024 tokens (not measured at 4096). 112 spills 836 bytes: 117-121
+# / 468. The speed rows were measured with the cap. The 64 x 64 sites gain nothing at 1024 tokens
+# from 128 or 80 (at 80, 61 against 67 µs at 4096; o 38 against 37 at 1024), lose at 64.
+TOKEN_KRON_MAXNREG = 128
+QUANTIZE_MAXNREG = None
 # Above MAX_TOKEN_KRON_TILE, ``_chunk_kron_quantize_kernel`` takes the second factor KRON_CHUNK
 # columns at a time when the first one's padded P1ᵀ fits a program (D1P <= MAX_CHUNK_KRON_D1),
 # CHUNK_KRON_PROGRAMS programs a multiprocessor (two ran no faster); larger first factors run the
@@ -593,6 +600,9 @@ def fused_quantize_triton(
         by_token = spec.kron is not None and d1p * d2p > MAX_FUSED_KRON_TILE
         warps = TOKEN_KRON_WARPS if by_token else _quantize_warps(block_m * d1p * d2p)
         extra = {} if INTERPRET else {"num_warps": warps, "enable_fp_fusion": False}
+        maxnreg = TOKEN_KRON_MAXNREG if by_token else QUANTIZE_MAXNREG
+        if maxnreg and not INTERPRET:
+            extra["maxnreg"] = maxnreg
         if by_token:
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
         else:

@@ -94,15 +94,17 @@ def test_fused_quantize_kron_on_tensor_cores_without_spills():
 
 def test_fused_quantize_one_token_a_program_on_tensor_cores():
     # LLaDA-8B's MLP down site: 96 x 128 Kronecker padded to 128 x 128, one token a program.
-    # 190 registers and no spills at 8 warps since the bfloat16 splits use the conversion
-    # instruction (255 registers and ~100 bytes of spills with integer rounding); 4 and 16
-    # warps spilled kilobytes and ran 2-3x slower on the H200 (results/explore-down-site-h200.json).
+    # Capped at 128 registers (TOKEN_KRON_MAXNREG), so that two programs of 8 warps share a
+    # multiprocessor: ~300 bytes of spills (185 registers and none uncapped, 5-9 % slower on the
+    # H200; 255 and ~100 bytes before the bfloat16 splits used the conversion instruction);
+    # 4 and 16 warps spilled kilobytes and ran 2-3x slower (results/explore-down-site-h200.json).
     spec = FusedQuantizeSpec(12288, 4, kron=(96, 128), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
     assert "tile=1x128x128" in r.name
     assert r.uses_wgmma
-    assert r.spill_bytes == 0
+    assert r.registers <= 128 and 2 * r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED  # two programs an SM
+    assert r.spill_bytes <= 512
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
