@@ -205,7 +205,10 @@ else:
     def test_fused_quantize_exact_with_exact_transforms(bits):
         # Signed permutations for P1, P2 and a permutation-like TAC: every float product is by ±1
         # or 0 and every sum has one nonzero term, so the kernel must equal the reference bit for bit.
-        # bfloat16 inputs: the bf16x3 Kronecker splits them exactly (hi = x, lo = 0).
+        # bfloat16 inputs: the bf16x3 Kronecker splits them exactly (hi = x, lo = 0). (After float
+        # stages the quantizer multiplies by 1 / scale, within 1.5 ulp of the reference's division:
+        # that could move a code only within that distance of a rounding tie; these seeded values
+        # have none, and a wrong permutation, gate or scale moves codes anywhere.)
         m, k = 11, 48
         gen = _gen("exact", bits)
         x = _activation(m, k, torch.bfloat16, gen)
@@ -227,6 +230,28 @@ else:
         assert torch.equal(scale, scale_ref) and torch.equal(zero, zero_ref)
         q_bytes, _, _ = fused_quantize_triton(x, 4, **kw, pack=False)
         assert torch.equal(q_bytes, q_ref)
+
+    def test_fused_quantize_divides_exactly_without_float_stages():
+        # Values whose v / scale is a rounding tie when divided correctly but not when multiplied
+        # by 1 / scale (what the kernels do after float stages): without float stages the codes
+        # must still be the reference's, so the kernel must divide.
+        gen = torch.Generator().manual_seed(7)
+        ties = []
+        while len(ties) < 4:
+            hi = torch.tensor(15 * (0.01 + 3 * torch.rand(1, generator=gen).item()), dtype=torch.float32)
+            scale = hi / 15.0  # the reference's scale of a token with min 0 and max hi
+            k = int(torch.randint(0, 15, (1,), generator=gen))
+            v = (k + 0.5) * scale
+            if v / scale == k + 0.5 and torch.floor(v * (1.0 / scale) + 0.5) != torch.floor(v / scale + 0.5):
+                ties.append((hi, v))
+        x = torch.zeros(len(ties), 16)
+        for row, (hi, v) in enumerate(ties):
+            x[row, 3], x[row, 9] = hi, v
+        is_masked = torch.tensor([True, False] * (len(ties) // 2))
+        ones = torch.ones(16)
+        got = fused_quantize_triton(x, 4, is_masked=is_masked, gate_masked=ones, gate_unmasked=ones, pack=False)
+        want = ops.quantize_per_token_reference(x, 4, is_masked, ones, ones)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
     TOKEN_STAGE_SETS = [("kron",), ("kron", "gate"), ("norm", "kron", "gate"), ("norm_w", "smooth", "kron", "gate"),
                         ("tac", "kron", "gate")]
@@ -276,7 +301,8 @@ else:
 
     def test_fused_quantize_chunks_exact_with_exact_transforms(monkeypatch):
         # The chunked kernel with signed permutations (every product by ±1 or 0, one nonzero term a
-        # sum; bfloat16 inputs split exactly): bit for bit the reference's codes, scales and zeros.
+        # sum; bfloat16 inputs split exactly): bit for bit the reference's codes, scales and zeros
+        # (1 / scale as in test_fused_quantize_exact_with_exact_transforms).
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
         monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
