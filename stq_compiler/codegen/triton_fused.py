@@ -477,8 +477,9 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # and both factors in one program (the dots stage them through shared memory): up to 64 x 128
 # float32 (LLaDA's and Dream's hidden sizes: 64 x 64). Up to MAX_TOKEN_KRON_TILE (LLaDA-8B's MLP
 # down site, 96 x 128 padded to 128 x 128) ``_token_kron_quantize_kernel`` takes one token a
-# program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 190 registers, no spills (4 and
-# 16 warps spilled kilobytes and ran 2-3x slower, before the instruction cuts of session 8). Larger ones (Dream-7B's down site,
+# program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 185 registers and no spills, or
+# 128 and ~300 bytes of spills under TOKEN_KRON_MAXNREG (4 and 16 warps spilled kilobytes and ran
+# 2-3x slower, before the instruction cuts of 2026-11-29). Larger ones (Dream-7B's down site,
 # 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
 # ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 56 bytes of spills at
 # 8 warps (one program a multiprocessor); H200, 1024 tokens: 360 µs against 505 with the
