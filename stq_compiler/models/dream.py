@@ -15,9 +15,13 @@ How attention becomes bidirectional in transformers 5.x (checked on 5.17 and 5.2
 * every attention module's own `is_causal` flag is set False too, for attention code reached
   without that decorator (the SDPA integration falls back to the flag).
 Setting only the module flags is not enough: a padding mask would still come back causal.
-Under torch.compile, 5.24 keeps `attn_mask=None` (and uses `enable_gqa`); 5.17 materializes an
-all-True boolean [B, 1, L, L] mask (still full attention, but SDPA gets an `attn_mask`) and repeats
-k/v heads instead of `enable_gqa`.
+Under torch.compile, transformers 5.17 materializes an all-True boolean [B, 1, L, L] mask (it will
+not look at a padding mask's values while tracing, and skips the mask only outside tracing), so
+SDPA gets an `attn_mask` (no flash kernel) and the k/v heads are repeated instead of `enable_gqa`;
+5.24 skips the mask when there is no padding mask at all. The decoders here run their attention
+as `BIDIRECTIONAL_SDPA`: transformers' own SDPA attention, with a mask builder that returns no mask
+when the model gets no padding mask (full attention needs none) and transformers' SDPA mask
+otherwise, so every version passes `attn_mask=None` and `enable_gqa` without padding.
 """
 
 from __future__ import annotations
@@ -25,17 +29,38 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.masking_utils import sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 DREAM_MASK_TOKEN_ID = 151666
+BIDIRECTIONAL_SDPA = "stq_bidirectional_sdpa"
+
+
+def bidirectional_sdpa_mask(*args: Any, attention_mask=None, allow_is_bidirectional_skip: bool = False,
+                            local_size: int | None = None, **kwargs: Any):
+    """transformers' SDPA mask builder, except that a full bidirectional mask with no padding mask
+    is no mask, also while tracing (where transformers 5.17 builds an all-True one)."""
+    if attention_mask is None and allow_is_bidirectional_skip and local_size is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+                     local_size=local_size, **kwargs)
+
+
+AttentionInterface.register(BIDIRECTIONAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+AttentionMaskInterface.register(BIDIRECTIONAL_SDPA, bidirectional_sdpa_mask)
 
 
 def make_bidirectional(model: nn.Module) -> nn.Module:
     """Turn a transformers decoder (Llama, Qwen2, ...) into a full-attention mask predictor, in place.
 
     Sets `is_causal = False` on the model's config and on every module that carries an
-    `is_causal` flag (the attention layers), and turns the KV cache off (a cache of bidirectional
-    keys is stale as soon as any token changes). Returns the model.
+    `is_causal` flag (the attention layers), turns the KV cache off (a cache of bidirectional
+    keys is stale as soon as any token changes) and switches SDPA attention to
+    `BIDIRECTIONAL_SDPA` (no mask without padding, see the module docstring). Returns the model.
     """
     touched = 0
     for module in model.modules():
@@ -45,6 +70,8 @@ def make_bidirectional(model: nn.Module) -> nn.Module:
         if isinstance(module, PreTrainedModel):
             module.config.is_causal = False
             module.config.use_cache = False
+            if module.config._attn_implementation == "sdpa":
+                module.config._attn_implementation = BIDIRECTIONAL_SDPA
     if touched == 0:
         raise ValueError(f"{type(model).__name__} has no attention module with an `is_causal` flag")
     return model
@@ -136,6 +163,8 @@ def build_dream(config: Qwen2Config | None = None) -> Qwen2ForCausalLM:
 
 __all__ = [
     "DREAM_MASK_TOKEN_ID",
+    "BIDIRECTIONAL_SDPA",
+    "bidirectional_sdpa_mask",
     "make_bidirectional",
     "dream_7b_config",
     "tiny_dream_config",

@@ -6,6 +6,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from stq_compiler.models import build_dream, dream_7b_config, make_bidirectional, tiny_dream_config
+from stq_compiler.models.dream import BIDIRECTIONAL_SDPA, bidirectional_sdpa_mask
 
 
 def later_token_changes_earlier_logits(model: nn.Module, early: int = 2, late: int = 9) -> float:
@@ -105,6 +106,56 @@ def test_compiled_dream_stays_bidirectional():
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+
+
+def test_bidirectional_sdpa_mask_is_none_only_without_padding():
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    common = dict(batch_size=2, q_length=6, kv_length=6, device="cpu")
+    # no padding mask, full attention: no mask at all (transformers 5.17 builds an all-True one while tracing)
+    assert bidirectional_sdpa_mask(**common, mask_function=bidirectional_mask_function, attention_mask=None,
+                                   allow_is_bidirectional_skip=True) is None
+    padding = torch.ones(2, 6, dtype=torch.bool)
+    padding[1, 4:] = False
+    cases = [
+        dict(mask_function=bidirectional_mask_function, attention_mask=padding, allow_is_bidirectional_skip=True),
+        dict(mask_function=causal_mask_function, attention_mask=None, allow_is_causal_skip=False),  # a causal builder
+        dict(mask_function=bidirectional_mask_function, attention_mask=None, allow_is_bidirectional_skip=True, local_size=3),
+    ]
+    for case in cases:
+        ours, theirs = bidirectional_sdpa_mask(**common, **case), sdpa_mask(**common, **case)
+        assert ours is not None and torch.equal(ours, theirs)
+    assert not bidirectional_sdpa_mask(**common, **cases[0])[1, 0, 0, 4:].any()  # padded keys stay masked
+
+
+@pytest.mark.parametrize("make", [lambda: build_dream(tiny_dream_config()), plain_llama], ids=["dream", "llama"])
+def test_compiled_attention_gets_no_mask_without_padding(make):
+    # what torch.compile sees: SDPA with attn_mask=None (flash attention can run) and grouped k/v
+    # heads (enable_gqa) instead of repeated ones, whatever the transformers version; with padding,
+    # a mask
+    model = make_bidirectional(make())
+    assert model.config._attn_implementation == BIDIRECTIONAL_SDPA
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.extend(n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ids = torch.randint(0, 250, (2, 12))
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[1, 9:] = 0
+    with torch.no_grad():
+        for attention_mask in (None, padding):
+            calls.clear()
+            want = model(ids, attention_mask=attention_mask).logits
+            torch.testing.assert_close(torch.compile(model, backend=backend)(ids, attention_mask=attention_mask).logits, want)
+            assert len(calls) == 2
+            for node in calls:
+                assert (node.kwargs.get("attn_mask") is None) == (attention_mask is None)
+                if attention_mask is None:
+                    assert node.kwargs.get("enable_gqa") is True
+                    assert node.args[1].meta["example_value"].shape[1] == 2  # the 2 k/v heads, not 4 repeated
 
 
 def test_make_bidirectional_needs_attention_modules():
