@@ -216,6 +216,24 @@ def test_compiles_as_one_graph():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
 
 
+def test_compiled_forward_computes_the_rotary_tables_once():
+    # Inductor inlines small reused pointwise nodes into every reader: as plain ops the tables'
+    # pow/cos/sin were recomputed for every element of q and k in every layer's RoPE kernel.
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = tiny(n_kv_heads=2)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(model), ids)
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    source = "\n".join(code)
+    assert len(re.findall(r"torch\.ops\.stq\.rotary_tables\.default\(", source)) == 1
+    assert not re.search(r"\b(cos|sin)\b", source)  # no kernel computes them again
+
+
 def test_output_hidden_states_is_the_head_input():
     torch.manual_seed(0)
     model = build_tiny("llada").eval()

@@ -139,7 +139,8 @@ def test_inductor_fuses_the_lookup_into_the_first_norm():
     calls = [line.strip() for line in code.splitlines() if re.match(r"\s+(buf\d+ = )?(torch\.ops\.|extern_kernels\.|cpp_fused)", line)]
     # no gather of float rows of its own: the int8 rows are read, scaled and normalised in one kernel
     assert not [c for c in calls if re.search(r"aten\.(index|embedding)", c)]
-    assert re.match(r"cpp_fused_\w*index\w*rsqrt\w*\(", calls[0]), calls[:3]
+    kernels = [c for c in calls if "rotary_tables" not in c]  # the model's RoPE tables come first
+    assert re.match(r"cpp_fused_\w*index\w*rsqrt\w*\(", kernels[0]), kernels[:3]
 
 
 def test_graphs_without_a_plain_embedding_are_left_alone():
