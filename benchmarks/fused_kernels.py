@@ -12,7 +12,8 @@ concatenated, down):
 * ``fp16``: ``F.linear`` (cuBLAS); ``fp8``: ``torch._scaled_mm`` e4m3 with per-tensor scales;
   ``int8``: ``torch._int_mm``; ``rtn-w8a8``: ``triton_rtn.quantized_linear_triton`` (int8 codes);
 * ``fused-w8a8`` / ``fused-w4a4`` / ``fused-w4a8``: ``stq::fused_linear`` (plain epilogue), and for
-  gate/up ``+swiglu`` (output half as wide: the fp16 row then includes a separate SiLU·mul), for
+  gate/up ``+swiglu`` (output half as wide: the fp16 row then includes a separate SiLU·mul, and
+  ``fused-w4a4+silu-mul`` is the plain W4A4 GEMM followed by Inductor's SiLU·mul kernel), for
   o/down ``+residual``. ``fused-w4a4`` holds the 4-bit activation codes one a byte and the weight
   in the blocked layout (``fused_ops.pack_int4_blocks``), as the fusion pass does (like
   ``fused-w4a8``); ``fused-w4a4-pairs`` the weight packed two neighbouring codes a byte
@@ -105,6 +106,12 @@ def gemm_rows(m: int, name: str, k: int, n: int) -> list[dict]:
     add("fused-w4a8", fused(xq8_store, xs8, xz8, wq4))
     if name == "gate_up":
         add("fused-w4a4+swiglu", fused(xq4, xs4, xz4, wq4, swiglu=True))
+        # what the graph runs without the SwiGLU epilogue: the stacked GEMM, then Inductor's
+        # SiLU·mul kernel
+        silu_mul = torch.compile(lambda y: F.silu(y[:, : n // 2]) * y[:, n // 2:])
+        stacked = fused(xq4, xs4, xz4, wq4)
+        silu_mul(stacked())  # compiled outside the CUDA-graph capture
+        add("fused-w4a4+silu-mul", lambda: silu_mul(stacked()))
     if name in ("o", "down"):
         res = torch.randn(m, n, device=DEV, generator=gen, dtype=torch.bfloat16)
         add("fused-w4a4+residual", fused(xq4, xs4, xz4, wq4, residual=res))
@@ -159,20 +166,23 @@ def site_rows(m: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--linears", nargs="+", choices=list(LINEARS), default=list(LINEARS))
+    parser.add_argument("--no-sites", action="store_true", help="GEMMs only, not the activation sites")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fused-kernels.json"))
     args = parser.parse_args()
     import stq_compiler.tac_ops  # noqa: F401  (registers stq::tac_block_affine)
 
     gemms, sites = [], []
     for m in args.tokens:
-        for name, (k, n) in LINEARS.items():
+        for name in args.linears:
+            k, n = LINEARS[name]
             for row in gemm_rows(m, name, k, n):
                 gemms.append(row)
                 if "error" in row:
                     print(f"M={m:5d} {name:8s} {row['kind']:22s} ERROR {row['error']}", flush=True)
                 else:
                     print(f"M={m:5d} {name:8s} {row['kind']:22s} {row['ms'] * 1e3:9.1f} us {row['tflops']:7.1f} T/s", flush=True)
-        for row in site_rows(m):
+        for row in [] if args.no_sites else site_rows(m):
             sites.append(row)
             print(f"M={m:5d} {row['site']:18s} fused {row['fused_us']:8.1f} us  unfused {row['unfused_us']:8.1f} us", flush=True)
     result = {

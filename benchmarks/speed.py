@@ -138,6 +138,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: all")
     p.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: default (both: --modes default reduce-overhead)")
     p.add_argument("--fuse", choices=("on", "off", "both"), default="on", help="starquant rows with the fusion pass on, off or both")
+    p.add_argument("--swiglu-epilogue", action="store_true",
+                   help="starquant rows: the backend's swiglu_epilogue option (gate/up as one SwiGLU GEMM)")
     p.add_argument("--e2e", action="store_true", help="also time one generate() call per row (batch 1)")
     p.add_argument("--prompt-length", type=int, default=256)
     p.add_argument("--gen-length", type=int, default=256)
@@ -575,8 +577,9 @@ class Bench:
             fn = self.model
         elif recipe is not None:
             quantize_head, quantize_embedding = "-qhead" in unit.base, unit.base.endswith("-qembed")
+            record["swiglu_epilogue"] = args.swiglu_epilogue
             backend = StarQuant(mode=unit.mode, recipe=recipe, fuse=unit.fuse, quantize_head=quantize_head,
-                                quantize_embedding=quantize_embedding)
+                                quantize_embedding=quantize_embedding, swiglu_epilogue=args.swiglu_epilogue)
             fn = torch.compile(self.model, backend=backend, dynamic=False)
             notes.append("LM head and embedding quantized (int8 embedding rows)" if quantize_embedding
                          else "embedding not quantized" if quantize_head else "LM head and embedding not quantized")

@@ -47,6 +47,9 @@ class BackendOptions:
       the fused step takes about as long as the unfused one and holds 4-bit weights packed two a
       byte, where the unfused graph holds one a byte (README, Speed). On the CPU both run the
       reference ops; the fused graph has not been timed there.
+    * ``swiglu_epilogue``: with ``fuse``, gate/up as one GEMM that applies ``silu(gate) * up`` in
+      its epilogue instead of a stacked GEMM and Inductor's SiLU·mul kernel. Off by default: on
+      the H200 both take as long (``passes/fuse.py``).
     * ``mode``: Inductor's compile mode, as ``torch.compile(mode=...)`` takes it (``torch.compile``
       refuses ``mode=`` next to ``options=``, so it is an option here too). Default (``None``):
       ``"reduce-overhead"`` (CUDA graphs) for a quantized graph whose weights are on a CUDA
@@ -67,6 +70,7 @@ class BackendOptions:
     quantize_embedding: bool = False
     debug_dir: Optional[str] = None
     fuse: Optional[bool] = None
+    swiglu_epilogue: bool = False
     mode: Optional[str] = None
     inductor: bool = True
     inductor_config: dict = field(default_factory=dict)
@@ -165,6 +169,8 @@ class BackendOptions:
             raise ValueError(f"starquant: option fuse must be True, False or None (on for CUDA weights), got {self.fuse!r}")
         if self.fuse and not self.quantize:
             raise ValueError("starquant: fuse=True fuses quantized linears; with w_bits=a_bits=16 there are none")
+        if not isinstance(self.swiglu_epilogue, bool):
+            raise ValueError(f"starquant: option swiglu_epilogue must be True or False, got {self.swiglu_epilogue!r}")
         if self.mode is not None and self.mode not in MODE_CHOICES:
             raise ValueError(f"starquant: option mode={self.mode!r}; choose one of {MODE_CHOICES} or None (CUDA graphs for CUDA weights)")
         if self.mode not in (None, "default") and not self.inductor:

@@ -187,7 +187,7 @@ def run_passes(
         if opts.fuse_for(b.tensor for b in analysis.bindings.values()):
             from stq_compiler.passes.fuse import fuse_quantized_sites
 
-            steps.run(fuse_quantized_sites)
+            steps.run(fuse_quantized_sites, swiglu_epilogue=opts.swiglu_epilogue)
     if opts.quantize_embedding:
         from stq_compiler.passes.quantize_embedding import quantize_embedding
 

@@ -79,6 +79,7 @@ def test_w4a4_compiles_and_stays_correlated():
         ({"token_state": "sometimes", "mask_token_id": 1}, ValueError, "token_state='sometimes'"),
         ({"quantize_embedding": "yes"}, ValueError, "quantize_embedding must be True or False"),
         ({"mode": "fast"}, ValueError, "mode='fast'; choose one of"),
+        ({"swiglu_epilogue": "on"}, ValueError, "swiglu_epilogue must be True or False"),
         ({"mode": "reduce-overhead", "inductor": False}, ValueError, "is an Inductor mode"),
     ],
 )

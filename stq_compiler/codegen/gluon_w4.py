@@ -95,11 +95,11 @@ def config_for(m: int, n: int, device_index: int) -> tuple[int, int, int, int]:
     return small if time(small, SMALL_TILE_TIME) < time(big, 1.0) else big
 
 
-def supports(a: torch.Tensor, wq: torch.Tensor, swiglu: bool) -> bool:
-    """Whether the Gluon kernel can run this GEMM: a Hopper GPU, int8 codes x packed weight, no
-    SwiGLU (two accumulators; the Triton kernel does it), enough tokens, and operands TMA can
-    address (16-byte aligned rows and base pointers)."""
-    if gluon is None or not a.is_cuda or swiglu:
+def supports(a: torch.Tensor, wq: torch.Tensor) -> bool:
+    """Whether the Gluon kernel can run this GEMM (plain or SwiGLU): a Hopper GPU, int8 codes x
+    packed weight, enough tokens, and operands TMA can address (16-byte aligned rows and base
+    pointers)."""
+    if gluon is None or not a.is_cuda:
         return False
     if a.dtype != torch.int8 or wq.dtype != torch.uint8 or a.shape[0] < MIN_TOKENS:
         return False
@@ -138,18 +138,27 @@ if gluon is not None:
         return n
 
     @gluon.jit
-    def _issue(w_desc, a_desc, w_smem, a_smem, ready, step, off_n, off_m, pred):
-        """TMA loads of K step ``step`` into its slot (``pred``: only steps inside K)."""
+    def _issue(w_desc, a_desc, w_smem, a_smem, ready, step, off_n, up_n, off_m, pred, SWIGLU: gl.constexpr):
+        """TMA loads of K step ``step`` into its slot (``pred``: only steps inside K). With
+        ``SWIGLU`` the slot's weight tile is two loads: the gate rows from ``off_n`` above the up
+        rows from ``up_n``."""
         HALF: gl.constexpr = w_desc.block_type.shape[1]
+        ROWS: gl.constexpr = w_desc.block_type.shape[0]
         slot = step % w_smem.shape[0]
         bar = ready.index(slot)
-        mbarrier.expect(bar, w_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [off_n, step * HALF], bar, w_smem.index(slot), pred=pred)
+        if SWIGLU:
+            mbarrier.expect(bar, 2 * w_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=pred)
+            w = w_smem.index(slot)
+            tma.async_copy_global_to_shared(w_desc, [off_n, step * HALF], bar, w.slice(0, ROWS), pred=pred)
+            tma.async_copy_global_to_shared(w_desc, [up_n, step * HALF], bar, w.slice(ROWS, ROWS), pred=pred)
+        else:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=pred)
+            tma.async_copy_global_to_shared(w_desc, [off_n, step * HALF], bar, w_smem.index(slot), pred=pred)
         tma.async_copy_global_to_shared(a_desc, [off_m, step * 2 * HALF], bar, a_smem.index(slot), pred=pred)
 
     @gluon.jit
-    def _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs: gl.constexpr,
-              BLOCKED: gl.constexpr):
+    def _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, up_n, off_m, num_k, acc, w_regs: gl.constexpr,
+              BLOCKED: gl.constexpr, SWIGLU: gl.constexpr):
         STAGES: gl.constexpr = w_smem.shape[0]
         BLOCK_N: gl.constexpr = w_smem.shape[1]
         HALF: gl.constexpr = w_smem.shape[2]
@@ -169,15 +178,39 @@ if gluon is not None:
             w = gl.set_auto_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, 2 * HALF]), w_regs)
             acc = warpgroup_mma(w, a.permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        _issue(w_desc, a_desc, w_smem, a_smem, ready, i + STAGES - 1, off_n, off_m, i + STAGES - 1 < num_k)
+        _issue(w_desc, a_desc, w_smem, a_smem, ready, i + STAGES - 1, off_n, up_n, off_m, i + STAGES - 1 < num_k,
+               SWIGLU)
         return acc
+
+    @gluon.jit
+    def _scaled(part, x_zero, x_scale, w_sum, w_scale, bias, HAS_BIAS: gl.constexpr):
+        """An epilogue chunk [rows, tokens] in float32: the operations and their order are
+        ``_epilogue_tile``'s, so the bits are the Triton kernel's."""
+        part = part - x_zero[None, :] * w_sum[:, None]
+        y = part.to(gl.float32) * x_scale[None, :] * w_scale[:, None]  # (acc * x_scale) * w_scale
+        if HAS_BIAS:
+            y = y + bias[:, None]
+        return y
+
+    @gluon.jit
+    def _row_params(w_sum_ptr, w_scale_ptr, bias_ptr, offs_n, n_ok, HAS_BIAS: gl.constexpr):
+        w_sum = gl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)
+        w_scale = gl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
+        bias = w_scale  # unread without HAS_BIAS
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
+        return w_sum, w_scale, bias
 
     @gluon.jit
     def _w4_gluon_kernel(w_desc, a_desc, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, res_ptr, y_ptr,
                          M, N, K, stride_rm, stride_ym,
                          HAS_BIAS: gl.constexpr, HAS_RESIDUAL: gl.constexpr, BLOCKED: gl.constexpr,
-                         GROUP_N: gl.constexpr, STAGES: gl.constexpr, EPI_M: gl.constexpr, num_warps: gl.constexpr):
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+                         SWIGLU: gl.constexpr, GROUP_N: gl.constexpr, STAGES: gl.constexpr, EPI_M: gl.constexpr,
+                         num_warps: gl.constexpr):
+        # N: output columns. With SWIGLU the weight holds 2N rows (gate rows n, up rows N + n) and
+        # a program's tile is ROWS gate rows above the ROWS matching up rows, one accumulator
+        ROWS: gl.constexpr = w_desc.block_type.shape[0]  # output rows (weight rows a TMA load)
+        BLOCK_N: gl.constexpr = 2 * ROWS if SWIGLU else ROWS  # weight rows a tile
         HALF: gl.constexpr = w_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         gl.static_assert(a_desc.block_type.shape[1] == 2 * HALF)
@@ -185,12 +218,14 @@ if gluon is not None:
         # grouped launch order: GROUP_N weight tiles share each activation tile while it is in L2
         # (triton_rtn.grouped_tile)
         pid = gl.program_id(0)
-        num_n = gl.cdiv(N, BLOCK_N)
+        num_n = gl.cdiv(N, ROWS)
         per_group = GROUP_N * gl.cdiv(M, BLOCK_M)
         first = (pid // per_group) * GROUP_N
         group = gl.minimum(num_n - first, GROUP_N)
-        off_n = (first + (pid % per_group) % group) * BLOCK_N
+        off_n = (first + (pid % per_group) % group) * ROWS
         off_m = ((pid % per_group) // group) * BLOCK_M
+        up_n = N + off_n  # SWIGLU: past 2N the rows read as zeros; gate rows past N read up rows,
+        # whose outputs the store masks
 
         w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, HALF], w_desc.layout)
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, 2 * HALF], a_desc.layout)
@@ -204,11 +239,12 @@ if gluon is not None:
 
         num_k = gl.cdiv(K, 2 * HALF)  # >= 1
         for pre in gl.static_range(STAGES - 1):
-            _issue(w_desc, a_desc, w_smem, a_smem, ready, pre, off_n, off_m, pre < num_k)
+            _issue(w_desc, a_desc, w_smem, a_smem, ready, pre, off_n, up_n, off_m, pre < num_k, SWIGLU)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
-        acc = _step(0, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs, BLOCKED)
+        acc = _step(0, w_desc, a_desc, w_smem, a_smem, ready, off_n, up_n, off_m, num_k, acc, w_regs, BLOCKED, SWIGLU)
         for i in range(1, num_k):
-            acc = _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, off_m, num_k, acc, w_regs, BLOCKED)
+            acc = _step(i, w_desc, a_desc, w_smem, a_smem, ready, off_n, up_n, off_m, num_k, acc, w_regs, BLOCKED,
+                        SWIGLU)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for slot in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(slot))
@@ -218,24 +254,23 @@ if gluon is not None:
         # (a float32 copy and 64-bit pointers, 128 of each a thread at 128 x 256: spills)
         acc_smem = gl.allocate_shared_memory(gl.int32, [BLOCK_N, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]))
         acc_smem.store(acc)
-        out: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, num_warps], [0, 1])
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out))
+        out: gl.constexpr = gl.BlockedLayout([ROWS // 32, 1], [32, 1], [1, num_warps], [0, 1])
+        offs_n = off_n + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out))
         n_ok = offs_n < N
-        w_sum = gl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)
-        w_scale = gl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
-        if HAS_BIAS:
-            bias = gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)
+        w_sum, w_scale, bias = _row_params(w_sum_ptr, w_scale_ptr, bias_ptr, offs_n, n_ok, HAS_BIAS)
+        if SWIGLU:
+            up_sum, up_scale, up_bias = _row_params(w_sum_ptr, w_scale_ptr, bias_ptr, offs_n + N, n_ok, HAS_BIAS)
         for c in gl.static_range(BLOCK_M // EPI_M):
-            part = acc_smem.slice(c * EPI_M, EPI_M, dim=1).load(out)
             offs_m = off_m + c * EPI_M + gl.arange(0, EPI_M, layout=gl.SliceLayout(0, out))
             m_ok = offs_m < M
             x_zero = gl.load(x_zero_ptr + offs_m, mask=m_ok, other=0)
             x_scale = gl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0).to(gl.float32)
-            # the operations and their order are _epilogue_tile's: the Triton kernel's bits
-            part = part - x_zero[None, :] * w_sum[:, None]
-            y = part.to(gl.float32) * x_scale[None, :] * w_scale[:, None]  # (acc * x_scale) * w_scale
-            if HAS_BIAS:
-                y = y + bias[:, None]
+            chunk = acc_smem.slice(c * EPI_M, EPI_M, dim=1)
+            y = _scaled(chunk.slice(0, ROWS).load(out), x_zero, x_scale, w_sum, w_scale, bias, HAS_BIAS)
+            if SWIGLU:  # as the Triton kernel: silu(gate) = gate * (1 / (1 + exp(-gate)))
+                up = _scaled(chunk.slice(ROWS, ROWS).load(out), x_zero, x_scale, up_sum, up_scale, up_bias, HAS_BIAS)
+                sig = gl.div_rn(gl.full([ROWS, EPI_M], 1.0, gl.float32, out), 1.0 + gl.exp(-y))
+                y = (y * sig) * up
             ok = n_ok[:, None] & m_ok[None, :]
             rows = offs_m.to(gl.int64)[None, :]
             if HAS_RESIDUAL:
@@ -244,25 +279,28 @@ if gluon is not None:
 
 
 def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k: int, config=None,
-                    blocked: bool = False) -> None:
+                    blocked: bool = False, swiglu: bool = False) -> None:
     """``y[m, n] = epilogue(Σ_k a[m, k] · w[n, k])`` into ``y`` ([M, N], row stride any);
     ``a`` int8 [M, K], ``wq`` packed uint8 [N, ceil(K/2)], or with ``blocked`` the blocked layout
     viewed as [N, 64·ceil(K/128)] (``supports`` must hold). ``x_scale``,
     ``x_zero`` per token and ``w_scale``, ``w_sum`` per row, contiguous; ``bias`` [N] or None;
-    ``residual`` [M, N] (last stride 1) or None."""
-    m, n = a.shape[0], wq.shape[0]
-    block_n, block_m, stages, warps = config or config_for(m, n, a.device.index)
-    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K // 2], gl.uint8)
+    ``residual`` [M, N] (last stride 1) or None. ``swiglu``: ``wq`` holds the gate rows above
+    the up rows (2N), and ``y[m, n] = silu(gate) · up`` ([M, N]; no residual)."""
+    m, rows = a.shape[0], wq.shape[0]
+    n = rows // 2 if swiglu else rows
+    block_n, block_m, stages, warps = config or config_for(m, rows, a.device.index)
+    load_rows = block_n // 2 if swiglu else block_n  # a SwiGLU tile: gate rows above up rows, two loads
+    w_layout = gl.NVMMASharedLayout.get_default_for([load_rows, BLOCK_K // 2], gl.uint8)
     a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.int8)
-    w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [block_n, BLOCK_K // 2], w_layout)
+    w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [load_rows, BLOCK_K // 2], w_layout)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, BLOCK_K], a_layout)
-    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
+    grid = (cdiv(m, block_m) * cdiv(n, load_rows),)
     _w4_gluon_kernel[grid](
         w_desc, a_desc, x_scale, x_zero, w_scale, w_sum,
         bias if bias is not None else w_scale, residual if residual is not None else y, y,
         m, n, k, residual.stride(0) if residual is not None else 0, y.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCKED=blocked, GROUP_N=GROUP_N,
-        STAGES=stages, EPI_M=EPI_M,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCKED=blocked, SWIGLU=swiglu,
+        GROUP_N=GROUP_N, STAGES=stages, EPI_M=EPI_M,
         num_warps=warps, enable_fp_fusion=False,
     )
 
@@ -271,4 +309,4 @@ def kernel_sources() -> dict[str, str]:
     """The Gluon source of each function of the kernel, by name (for inspection and dumps)."""
     if gluon is None:
         return {}
-    return {fn.fn.__name__: textwrap.dedent(inspect.getsource(fn.fn)) for fn in (_nibbles, _issue, _step, _w4_gluon_kernel)}
+    return {fn.fn.__name__: textwrap.dedent(inspect.getsource(fn.fn)) for fn in (_nibbles, _issue, _step, _scaled, _row_params, _w4_gluon_kernel)}

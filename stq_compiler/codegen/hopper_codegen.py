@@ -163,28 +163,30 @@ def compile_gluon_sm90(kernel, signature: dict, constexprs: dict, num_warps: int
                           options={"num_warps": num_warps, "enable_fp_fusion": False})
 
 
-def w4_gluon_variant(config, residual: bool = True, bias: bool = False, blocked: bool = True,
+def w4_gluon_variant(config, residual: bool = True, bias: bool = False, blocked: bool = True, swiglu: bool = False,
                      m=4096, n=4096, k=4096) -> KernelResources:
     """``gluon_w4._w4_gluon_kernel`` for one (BLOCK_N, BLOCK_M, STAGES, warps) configuration,
-    bfloat16 out; ``blocked``: the weight in ``fused_ops.pack_int4_blocks``' layout."""
+    bfloat16 out; ``blocked``: the weight in ``fused_ops.pack_int4_blocks``' layout; ``swiglu``:
+    the SwiGLU epilogue (gate and up rows, two weight loads a step)."""
     from triton.experimental.gluon import language as gl
 
     from stq_compiler.codegen import gluon_w4
 
     block_n, block_m, stages, warps = config
-    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, gluon_w4.BLOCK_K // 2], gl.uint8)
+    load_rows = block_n // 2 if swiglu else block_n
+    w_layout = gl.NVMMASharedLayout.get_default_for([load_rows, gluon_w4.BLOCK_K // 2], gl.uint8)
     a_layout = gl.NVMMASharedLayout.get_default_for([block_m, gluon_w4.BLOCK_K], gl.int8)
     signature = {
-        "w_desc": f"tensordesc<u8[{block_n}, {gluon_w4.BLOCK_K // 2}],{w_layout!r}>",
+        "w_desc": f"tensordesc<u8[{load_rows}, {gluon_w4.BLOCK_K // 2}],{w_layout!r}>",
         "a_desc": f"tensordesc<i8[{block_m}, {gluon_w4.BLOCK_K}],{a_layout!r}>",
         "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "w_sum_ptr": "*i32",
         "bias_ptr": "*bf16", "res_ptr": "*bf16", "y_ptr": "*bf16",
         "M": "i32", "N": "i32", "K": "i32", "stride_rm": "i32", "stride_ym": "i32",
     }
-    constexprs = {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "BLOCKED": blocked, "GROUP_N": gluon_w4.GROUP_N,
-                  "STAGES": stages, "EPI_M": gluon_w4.EPI_M}
+    constexprs = {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "BLOCKED": blocked, "SWIGLU": swiglu,
+                  "GROUP_N": gluon_w4.GROUP_N, "STAGES": stages, "EPI_M": gluon_w4.EPI_M}
     compiled = compile_gluon_sm90(gluon_w4._w4_gluon_kernel, signature, constexprs, warps)
-    epilogue = "+".join(["bias"] * bias + ["residual"] * residual) or "plain"
+    epilogue = "+".join(["bias"] * bias + ["residual"] * residual + ["swiglu"] * swiglu) or "plain"
     layout = "blocked" if blocked else "pairs"
     return resources(compiled, f"gemm w4 gluon {layout} {epilogue} {block_n}x{block_m}x{gluon_w4.BLOCK_K} w{warps} s{stages}")
 
@@ -327,6 +329,7 @@ def all_variants():
             for blocked in (True, False):
                 for residual, bias in ((True, False), (False, True)):
                     yield lambda c=config, r=residual, b=bias, bl=blocked: w4_gluon_variant(c, r, b, bl)
+            yield lambda c=config: w4_gluon_variant(c, residual=False, swiglu=True)
 
 
 def main() -> list[KernelResources]:

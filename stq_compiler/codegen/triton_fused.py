@@ -1131,12 +1131,12 @@ def _launch_w4(args, flags, grid, config) -> None:
     if config is None and not INTERPRET:
         from stq_compiler.codegen import gluon_w4
 
-        if gluon_w4.supports(a, wq, flags["SWIGLU"]):
+        if gluon_w4.supports(a, wq):
             with _device_of(a):
                 gluon_w4.w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum,
                                          bias_arg if flags["HAS_BIAS"] else None,
                                          res_arg if flags["HAS_RESIDUAL"] else None, y_arg, k,
-                                         blocked=flags["BLOCKED"])
+                                         blocked=flags["BLOCKED"], swiglu=flags["SWIGLU"])
             return
     w4_args = (a, wq, x_scale, x_zero, w_scale, w_sum, bias_arg, res_arg, y_arg, m, n, k, kb,
                stride_am, stride_bn, stride_rm, stride_ym)

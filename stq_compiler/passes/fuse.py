@@ -276,10 +276,12 @@ def _w_bits(linear: fx.Node) -> int:
 
 def fuse_quantized_sites(gm: fx.GraphModule, swiglu_epilogue: bool = False) -> tuple[fx.GraphModule, PassReport]:
     """``swiglu_epilogue``: gate/up become one GEMM with the SwiGLU in its epilogue. Off by
-    default: on the H200 that GEMM took 396 µs at LLaDA-8B's shape (M = 1024) against 256 µs for
-    the same GEMM without it (two int32 accumulators force smaller tiles), more than the
-    SiLU·mul Inductor then fuses into one elementwise kernel; gate/up are then stacked into one
-    plain GEMM like q/k/v.
+    default: on the H200 at LLaDA-8B's gate/up (4-bit weights, 1024 tokens) the Gluon W4 kernel
+    with the SwiGLU epilogue takes 191 µs, the stacked GEMM and Inductor's SiLU·mul kernel 173 +
+    16 µs (``benchmarks/results/fused-kernels-h200.json``), and the step as long (22.95 against
+    22.82 ms); elsewhere the Triton SwiGLU kernel keeps two int32 accumulators and smaller tiles
+    (396 µs against 256 µs for the stacked GEMM, before the Gluon kernel). Off, gate/up are
+    stacked into one plain GEMM like q/k/v.
 
     The report's ``weight_bytes_freed``: the buffers nothing reads after the pass, given back
     (the int8 codes of 4-bit weights, now packed, and the codes, scales and weight sums of

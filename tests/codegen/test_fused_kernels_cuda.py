@@ -373,7 +373,7 @@ def _gluon_supported():
     from stq_compiler.codegen import gluon_w4
 
     a = torch.zeros(64, 128, dtype=torch.int8, device=DEV)
-    return gluon_w4.supports(a, torch.zeros(8, 64, dtype=torch.uint8, device=DEV), False)
+    return gluon_w4.supports(a, torch.zeros(8, 64, dtype=torch.uint8, device=DEV))
 
 
 needs_gluon = pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_supported(),
@@ -391,7 +391,7 @@ def test_w4_gluon_integer_part_is_exact(name, k, n, m):
         w_store = w_store.reshape(n, -1)  # the blocked layout as the kernel reads it
         want = _exact_acc(xq, x_zero, wq, w_sum).to(torch.int32).float()
         ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
-        assert gluon_w4.supports(x_store, w_store, False)
+        assert gluon_w4.supports(x_store, w_store)
         for config in gluon_w4.configs():
             y = torch.empty(m, n, device=DEV)
             gluon_w4.w4_linear_gluon(x_store, w_store, ones_m, x_zero.reshape(-1), ones_n, w_sum, None, None, y, k, config,
@@ -426,6 +426,40 @@ def test_w4_gluon_epilogue_gives_the_triton_kernels_bits(name, k, n, epilogue, h
     ok = torch.equal(y, y_triton) and torch.equal(y_blocked, y_triton) and bool((diff <= tol).all())
     report("w4 gluon", f"{name} M={m} K={k} N={n} {epilogue}", ok, max_abs_diff=diff.max().item(),
            differing_from_triton=int((y != y_triton).sum()), blocked_differing=int((y_blocked != y_triton).sum()))
+    assert ok
+
+
+GLUON_SWIGLU = [*[(name, k, n, bias, 1024) for name, k, n, epi, bias in LINEARS if epi == "swiglu"],
+                ("awkward", 1024 + 32, 2 * 500, True, 300),  # N = 500 outputs: the last tile's gate rows read up rows
+                ("awkward", 96, 2 * 72, False, 65)]
+
+
+@needs_gluon
+@pytest.mark.parametrize("name,k,n,has_bias,m", GLUON_SWIGLU, ids=[f"{c[0]}-K{c[1]}-N{c[2]}" for c in GLUON_SWIGLU])
+def test_w4_gluon_swiglu_gives_the_triton_kernels_bits(monkeypatch, name, k, n, has_bias, m):
+    # gate/up as one GEMM with silu(gate) * up in the epilogue: a Gluon tile holds gate rows above
+    # the matching up rows (two TMA loads a step) and runs the Triton SwiGLU kernel's float32
+    # operations in its order, so the bits must be that kernel's, and within the reference's
+    # float32 tolerance (1e-5 relative through the sigmoid)
+    from stq_compiler.codegen import gluon_w4
+
+    calls = []
+    launch = gluon_w4.w4_linear_gluon
+    monkeypatch.setattr(gluon_w4, "w4_linear_gluon", lambda *a, **kw: calls.append(kw.get("swiglu")) or launch(*a, **kw))
+    x = _activation(m, k, seed=m * 7 + k)
+    gen = _gen(n + k)
+    w = ops.quantize_weight(torch.randn(n, k, device=DEV, generator=gen) * 0.02, bits=4)
+    bias = (torch.randn(n, device=DEV, generator=gen) * 0.1).bfloat16() if has_bias else None
+    xq, x_scale, x_zero = triton_fused.fused_quantize_triton(x, 4, pack=False)
+    args = (xq, x_scale, x_zero, fused_ops.pack_int4_blocks(w.q), w.scale, w.w_sum, bias, None, True, torch.bfloat16)
+    config = next(c for c in _configs("w4a4-blocked") if triton_fused.w4_swiglu_fits(c) and c.kwargs["BLOCK_M"] >= 64)
+    y_triton = triton_fused.fused_linear_triton(*args, config=config)
+    y = triton_fused.fused_linear_triton(*args)  # no config: the Gluon kernel
+    y_ref, tol = _reference_and_tolerance(args, w, k, "swiglu")
+    diff = (y.double() - y_ref.double()).abs()
+    ok = calls == [True] and torch.equal(y, y_triton) and bool((diff <= tol).all())
+    report("w4 gluon", f"{name} M={m} K={k} N={n} swiglu{' bias' if has_bias else ''}", ok, gluon_calls=len(calls),
+           max_abs_diff=diff.max().item(), differing_from_triton=int((y != y_triton).sum()))
     assert ok
 
 

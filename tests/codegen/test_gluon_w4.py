@@ -16,7 +16,7 @@ def test_cpu_tensors_never_take_the_gluon_kernel():
     # on the CPU fused_linear runs the Triton kernel under the interpreter, or the reference
     a = torch.zeros(1024, 4096, dtype=torch.int8)
     w = torch.zeros(4096, 2048, dtype=torch.uint8)
-    assert not gluon_w4.supports(a, w, False)
+    assert not gluon_w4.supports(a, w)
 
 
 @pytest.mark.parametrize("m,n,want", [

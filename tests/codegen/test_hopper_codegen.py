@@ -67,12 +67,13 @@ def test_every_w4_configuration_compiles_without_spills():
 
 @pytest.mark.skipif(gluon_w4.gluon is None, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("blocked", [True, False], ids=["blocked-weight", "pair-weight"])
-@pytest.mark.parametrize("residual,bias", [(True, False), (False, True), (False, False)], ids=["residual", "bias", "plain"])
+@pytest.mark.parametrize("residual,bias,swiglu", [(True, False, False), (False, True, False), (False, False, False),
+                                                  (False, True, True)], ids=["residual", "bias", "plain", "swiglu"])
 @pytest.mark.parametrize("config", gluon_w4.configs(), ids=lambda c: "x".join(map(str, c)))
-def test_w4_gluon_gemm_keeps_wgmma_in_flight_without_spills(config, residual, bias, blocked):
+def test_w4_gluon_gemm_keeps_wgmma_in_flight_without_spills(config, residual, bias, swiglu, blocked):
     # the point of the Gluon kernel: the register-operand wgmma stays asynchronous; ptxas
     # serializing it (C7515) or the epilogue spilling would undo that silently
-    r = hopper_codegen.w4_gluon_variant(config, residual, bias, blocked)
+    r = hopper_codegen.w4_gluon_variant(config, residual, bias, blocked, swiglu)
     print(r.row())
     assert r.uses_wgmma and "IGMMA" in r.mma
     assert r.register_a

@@ -220,6 +220,12 @@ def test_backend_fuse_option_on_the_bundled_model_and_recipe(bundled_case):
         ops = targets(backend.results[0].gm)
         assert (FUSED_LINEAR in ops) == fuse and (LINEAR in ops) != fuse
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
+    # options={"swiglu_epilogue": True}: gate/up as SwiGLU GEMMs, the same logits
+    swiglu, backend = _compiled_logits(model, ids, recipe=recipe, fuse=True, swiglu_epilogue=True, inductor=False)
+    gm = backend.results[0].gm
+    gate_up = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is FUSED_LINEAR and n.args[8]]
+    assert len(gate_up) == model.config.n_layers and F.silu not in targets(gm)
+    torch.testing.assert_close(swiglu, outputs[False], rtol=0, atol=0)
 
 
 def test_backend_fuse_option_under_inductor(bundled_case):
