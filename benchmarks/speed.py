@@ -727,10 +727,14 @@ def why_not(unit: Unit, args) -> Optional[str]:
 
 def with_speedups(records: list[dict]) -> list[dict]:
     """Each record's speedup over float16 Inductor of the same model, batch, tokens, kind and
-    compile mode (eager rows: against the default mode)."""
+    compile mode (eager rows: against the default mode). A record marked ``stale`` (kept from an
+    earlier run whose float16 row has since been re-measured) keeps the speedup against the
+    float16 row of its own run."""
     base = {(r["model"], r["batch"], r["tokens"], r["kind"], r["mode"]): r["latency_ms"] for r in records
             if r["row"] == BASELINE and r.get("latency_ms")}
     for r in records:
+        if r.get("stale"):
+            continue
         ref = base.get((r["model"], r["batch"], r["tokens"], r["kind"], "default" if r["mode"] == "eager" else r["mode"]))
         r["speedup_vs_fp16_inductor"] = ref / r["latency_ms"] if ref and r.get("latency_ms") else None
     return records
