@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/speed.py --shapes 1x1024 4x1024 1x4096 --modes default reduce-overhead --resume
     PYTHONPATH=. python benchmarks/speed.py --models dream --e2e --resume
     python benchmarks/speed.py --tiny                                # tiny LLaDA and Dream on the CPU (CI)
+    python benchmarks/speed.py --merge run1.json run2.json --out benchmarks/results/speed-nvidia-h200.json --note "..."
 
 Each row is one way to run the model, measured per denoising step (one forward of ``input_ids``
 [B, L], random ids with about half set to the mask token, at each ``--shapes`` BxL) and, with
@@ -158,9 +159,16 @@ def parse_args(argv=None):
                    help="start no row that would end after this many minutes, judged by the longest row so far "
                    "(default 8.5 on the GPU, none with --tiny; 0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN_JSON",
+                   help="measure nothing: merge these results files (runs of this script) into --out (see merge())")
+    p.add_argument("--note", default="", help="with --merge: what the runs were for (kept in the file's runs list)")
     p.add_argument("--tiny", action="store_true", help="tiny LLaDA and Dream, 1x64, float32 on the CPU: the script end to end (CI)")
     args = p.parse_args(argv)
     args.cuda = args.device.startswith("cuda")
+    if args.merge:
+        if args.out is None:
+            p.error("--merge needs --out (the results file to merge into)")
+        return args
     if not args.tiny and not args.cuda:
         p.error("the 8B models need a CUDA GPU (--tiny runs on the CPU)")
     args.models = args.models or (list(MODELS) if args.tiny else ["llada"])
@@ -764,9 +772,49 @@ def write(args, env: dict, records: list[dict], skipped: list[dict], builds: dic
     records = with_speedups(records)
     settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items() if k not in ("out", "recipe_dir")}
     result = {"environment": env, "settings": settings, "build_s": builds, "records": records, "skipped": skipped}
+    if args.out.exists():  # a results file merged from several runs keeps their history (--merge)
+        runs = json.loads(args.out.read_text()).get("runs")
+        if runs:
+            result["runs"] = runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     args.out.with_suffix(".md").write_text(markdown(env, records, skipped))
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["row"], r["mode"], r["batch"], r["tokens"], r["kind"]
+
+
+def merge(into: Path, runs: list[Path], note: str) -> dict:
+    """Merge the records of the results files ``runs`` (each one run of this script, in order)
+    into the results file ``into``: a record of a run replaces the one of the same model, row,
+    mode, shape and kind. A kept record whose float16 Inductor row a run re-measured is marked
+    ``stale`` and keeps the speedup against the float16 row of its own run (``with_speedups``).
+    ``into``'s ``runs`` list gains one entry (``note`` and the runs' commands); the markdown
+    table beside it is rewritten."""
+    base = json.loads(into.read_text()) if into.exists() else {"records": [], "skipped": [], "runs": []}
+    loaded = [json.loads(Path(run).read_text()) for run in runs]
+    new = [r for run in loaded for r in run["records"]]
+    replaced = {_key(r) for r in new}
+    remeasured = {(r["model"], r["batch"], r["tokens"], r["kind"], r["mode"]) for r in new if r["row"] == BASELINE}
+    date = loaded[-1]["environment"]["date"]
+    kept = []
+    for r in base["records"]:
+        if _key(r) in replaced:
+            continue
+        baseline = (r["model"], r["batch"], r["tokens"], r["kind"], "default" if r["mode"] == "eager" else r["mode"])
+        if baseline in remeasured and r["row"] != BASELINE and not r.get("stale"):
+            r["stale"] = f"kept from an earlier run; its float16 Inductor row was re-measured on {date}"
+            r["note"] = "; ".join(filter(None, [r.get("note"), "earlier run: speedup against its own run's float16 row"]))
+        kept.append(r)
+    records = with_speedups(kept + new)
+    env = dict(loaded[-1]["environment"], command="merged from several runs: see 'runs'")
+    result = {**base, "environment": env, "records": records,
+              "runs": [*base.get("runs", []), {"date": date, "note": note,
+                                               "commands": [run["environment"]["command"] for run in loaded]}]}
+    into.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    into.with_suffix(".md").write_text(markdown(env, records, result.get("skipped", [])))
+    return result
 
 
 def _fmt(value, digits=2, spec="f") -> str:
@@ -814,6 +862,8 @@ def _line(r: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.out, args.merge, args.note)
     env = environment(args, argv)
     records, skipped, builds = [], [], {}
     if args.resume and args.out.exists():

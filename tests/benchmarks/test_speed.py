@@ -99,3 +99,37 @@ def test_bench_close_gives_the_models_storage_back(speed):
     bench.close()
     assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
     assert not hasattr(bench, "model")
+
+
+def test_merge_replaces_rows_and_keeps_older_ones_with_their_own_speedup(speed, tmp_path):
+    # --merge: a run's rows replace the file's rows of the same key; a kept row whose float16 row
+    # was re-measured keeps the speedup against the float16 row of its own run, marked stale
+    def rec(row, ms, mode="reduce-overhead"):
+        return {"model": "llada", "row": row, "method": row, "bits": "W4A4", "mode": mode, "kind": "step", "batch": 1,
+                "tokens": 1024, "latency_ms": ms, "tokens_per_s": 1024e3 / ms, "note": "", "dtype": "float16"}
+
+    def env(date):
+        return {"device": "GPU", "torch": "t", "triton": "tr", "cuda": "c", "torchao": None, "date": date,
+                "command": f"python benchmarks/speed.py run-of-{date}"}
+
+    into, run = tmp_path / "speed-gpu.json", tmp_path / "run.json"
+    into.write_text(json.dumps({"environment": env("d0"), "skipped": [], "runs": [{"date": "d0", "note": "first"}],
+                                "records": speed.with_speedups([rec("fp16-inductor", 10.0), rec("starquant-w4a4", 8.0),
+                                                                rec("fp8-scaled_mm-peer", 5.0),
+                                                                rec("fp16-inductor", 12.0, "default"),
+                                                                rec("starquant-w4a4", 24.0, "default")])}))
+    run.write_text(json.dumps({"environment": env("d1"), "records": [rec("fp16-inductor", 9.0), rec("starquant-w4a4", 6.0)]}))
+    speed.main(["--merge", str(run), "--out", str(into), "--note", "second"])
+    result = json.loads(into.read_text())
+    by = {(r["row"], r["mode"]): r for r in result["records"]}
+    assert by[("fp16-inductor", "reduce-overhead")]["latency_ms"] == 9.0
+    assert by[("starquant-w4a4", "reduce-overhead")]["speedup_vs_fp16_inductor"] == pytest.approx(9.0 / 6.0)
+    peer = by[("fp8-scaled_mm-peer", "reduce-overhead")]
+    assert peer["stale"] and peer["speedup_vs_fp16_inductor"] == pytest.approx(10.0 / 5.0)
+    default = by[("starquant-w4a4", "default")]  # its float16 row was not re-measured: as it was
+    assert not default.get("stale") and default["speedup_vs_fp16_inductor"] == pytest.approx(12.0 / 24.0)
+    assert len(result["records"]) == 5
+    assert [r["note"] for r in result["runs"]] == ["first", "second"]
+    assert result["runs"][1]["commands"] == ["python benchmarks/speed.py run-of-d1"]
+    md = into.with_suffix(".md").read_text()
+    assert "| llada | fp8-scaled_mm-peer |" in md and "2.00" in md and "1.50" in md
