@@ -1,5 +1,6 @@
 """The W4 GEMM on Hopper in Gluon: packed 4-bit weight x int8 activation codes, int32
-accumulation, the ``stq::fused_linear`` epilogue (zero-point correction, scales, bias, residual).
+accumulation, the ``stq::fused_linear`` epilogue (zero-point correction, scales, bias, residual
+or SwiGLU: a SwiGLU tile holds 64 gate rows above the 64 matching up rows, two TMA loads a K step).
 
 This is what ``fused_linear`` runs on a Hopper GPU for a packed weight with int8 activation codes
 (W4A4 with the codes one a byte, as the fusion pass emits them, and W4A8), wherever TMA can read
