@@ -7,6 +7,9 @@ with a variant that could replace it.
 * ``tf32``: the Kronecker dots in one TF32 pass: how many codes move;
 * ``maxnreg=N`` (``--registers``): registers capped at N a thread (ptxas), so that more programs fit a
   multiprocessor;
+* ``padded rows`` (LLaDA-8B's down site): ``_token_kron_quantize_kernel`` with the 96 rows padded to
+  128, what production ran before ``_token_kron_split_kernel`` (64 + 32 rows);
+  ``row blocks uncapped``: the latter without the register cap;
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -71,6 +74,9 @@ def variants(site, extra=False):
         out += [(f"maxnreg={n}", {"QUANTIZE_MAXNREG": n}) for n in (128, 80, 64)]
     elif "llada" in site:
         out += [(f"maxnreg={n}", {"TOKEN_KRON_MAXNREG": n}) for n in (128, 112)]
+    if site == "llada down":  # the 96 rows as 64 + 32 (production) against padded to 128
+        out += [("padded rows", {"SPLIT_TOKEN_ROWS": False}),
+                ("row blocks uncapped", {"TOKEN_KRON_MAXNREG": None})]
     return out
 
 

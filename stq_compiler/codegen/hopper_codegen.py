@@ -218,8 +218,8 @@ def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n
 
 def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16") -> KernelResources:
     """The activation kernel ``fused_quantize_triton`` launches for one ``FusedQuantizeSpec``:
-    ``_fused_quantize_kernel``, ``_token_kron_quantize_kernel`` for a Kronecker tile above
-    ``MAX_FUSED_KRON_TILE``, or ``_chunk_kron_quantize_kernel`` above ``MAX_TOKEN_KRON_TILE`` (TAC
+    ``_fused_quantize_kernel``, ``_token_kron_quantize_kernel`` (or ``_token_kron_split_kernel``
+    where ``token_row_blocks`` splits the rows) for a Kronecker tile above ``MAX_FUSED_KRON_TILE``, or ``_chunk_kron_quantize_kernel`` above ``MAX_TOKEN_KRON_TILE`` (TAC
     runs before it, see ``tac_variant``; its input is then float32)."""
     from stq_compiler.codegen import triton_fused
 
@@ -240,7 +240,13 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
         "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight,
         "HAS_SMOOTH": spec.smooth, "HAS_GATE": spec.gate, "KRON_PRECISION": triton_fused.KRON_PRECISION,
     }
-    if by_token:
+    blocks = triton_fused.token_row_blocks(d1) if by_token else None
+    if blocks is not None:
+        kernel, warps = triton_fused._token_kron_split_kernel, triton_fused.TOKEN_KRON_WARPS
+        tile = f"1x({blocks[0]}+{blocks[1]})x{d2p}"
+        constexprs.update({"X_IS_BF16": x_dtype == "bf16", "D1A": blocks[0], "D1B": blocks[1]})
+        maxnreg = triton_fused.TOKEN_KRON_MAXNREG
+    elif by_token:
         kernel, warps, tile = triton_fused._token_kron_quantize_kernel, triton_fused.TOKEN_KRON_WARPS, f"1x{d1p}x{d2p}"
         constexprs["X_IS_BF16"] = x_dtype == "bf16"
         maxnreg = triton_fused.TOKEN_KRON_MAXNREG

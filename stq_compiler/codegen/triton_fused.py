@@ -11,7 +11,8 @@ kernel. Float work:
   [g, g] float32 dot per block of g channels, float32 out), and this kernel takes its output;
 * Kronecker: ``X P2`` as one dot on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)`` as a
   dot on the transposed view (``_token_kron_quantize_kernel``: one token a program, two plain 2-D
-  dots, for LLaDA-8B's MLP down site, 96 x 128). Each dot is ``_dot_f32`` with
+  dots; ``_token_kron_split_kernel``, LLaDA-8B's MLP down site, 96 x 128: the same with the 96
+  rows as 64 + 32 instead of padded to 128, computed transposed, ``P2ᵀ Xᵀ P1``). Each dot is ``_dot_f32`` with
   ``KRON_PRECISION = "bf16x3"``: both float32 operands split into bfloat16 hi + lo, three
   bfloat16 tensor-core products, float32 accumulation, about 1e-5 relative (plain TF32 would
   cost ~1e-3 and move 0.15 % of the codes; tf32x3, 1e-6, was 10-35 % slower; ``"ieee"`` lowers
@@ -68,6 +69,7 @@ import importlib
 import inspect
 import os
 import textwrap
+from typing import Optional
 
 import torch
 import triton
@@ -133,6 +135,35 @@ def _bf16_dot(a, b, acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _bf16_parts(x):
+    """float32 -> (hi, lo), both bfloat16 values held as float32: ``hi + lo`` is ``x`` to 16
+    significant bits (relative residual 2^-18)."""
+    hi = _bf16_rounded(x)
+    return hi, _bf16_rounded(x - hi)
+
+
+@triton.jit
+def _bf16_pair(x):
+    """float32 -> (hi, lo) as ``_bf16_parts``, held as bfloat16 tensors (the dots' operand type:
+    converted once, half the registers); float32 in the interpreter (see ``_bf16_dot``)."""
+    hi, lo = _bf16_parts(x)
+    if INTERPRETING:
+        return hi, lo
+    else:
+        return hi.to(tl.bfloat16), lo.to(tl.bfloat16)
+
+
+@triton.jit
+def _bf16x3_acc(a_hi, a_lo, b_hi, b_lo, acc, A_IS_BF16: tl.constexpr):
+    """``acc + (a_hi + a_lo) @ (b_hi + b_lo)`` in three bfloat16 products, the small terms first
+    (``_dot_f32``'s bf16x3 on operands already split; ``A_IS_BF16``: ``a_lo`` is zero, skipped)."""
+    if not A_IS_BF16:
+        acc = _bf16_dot(a_lo, b_hi, acc, INTERPRETING)
+    acc = _bf16_dot(a_hi, b_lo, acc, INTERPRETING)
+    return _bf16_dot(a_hi, b_hi, acc, INTERPRETING)
+
+
+@triton.jit
 def _dot_f32(a, b, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr = False):
     """``a @ b`` of float32 tiles to about float32 accuracy on tensor cores.
 
@@ -142,16 +173,12 @@ def _dot_f32(a, b, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr = False):
     tensor-core work of 1.5 TF32 products instead of 3 (two with ``A_IS_BF16``: ``a`` holds
     bfloat16 values, so its lo part is zero). ``"ieee"``: exact float32 (FMAs)."""
     if PRECISION == "bf16x3":
-        b_hi = _bf16_rounded(b)
-        b_lo = _bf16_rounded(b - b_hi)
+        b_hi, b_lo = _bf16_parts(b)
         acc = tl.zeros([a.shape[0], b.shape[1]], dtype=tl.float32)
         if A_IS_BF16:
-            a_hi = a
-        else:
-            a_hi = _bf16_rounded(a)
-            acc = _bf16_dot(_bf16_rounded(a - a_hi), b_hi, acc, INTERPRETING)
-        acc = _bf16_dot(a_hi, b_lo, acc, INTERPRETING)
-        return _bf16_dot(a_hi, b_hi, acc, INTERPRETING)
+            return _bf16x3_acc(a, a, b_hi, b_lo, acc, True)
+        a_hi, a_lo = _bf16_parts(a)
+        return _bf16x3_acc(a_hi, a_lo, b_hi, b_lo, acc, False)
     elif PRECISION == "bf16":
         # one bfloat16 product: about 2^-9 relative, not the reference's float32 (probes only)
         a_hi = a if A_IS_BF16 else _bf16_rounded(a)
@@ -197,16 +224,25 @@ def _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, strid
     scale, zero = _scale_zero(tl.minimum(tl.min(flat, axis=1), 0.0), tl.maximum(tl.max(flat, axis=1), 0.0), QMIN, LEVELS)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
+    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
+    _store_codes(x, scale, zero, q_row, i, j, ok, row_ok[:, None, None] & (i < D1), D2, QMIN, QMAX, PACK, EXACT_DIV)
+
+
+@triton.jit
+def _store_codes(x, scale, zero, q_row, i, j, ok, i_ok, D2: tl.constexpr,
+                 QMIN: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr, EXACT_DIV: tl.constexpr):
+    """The codes of the float32 tile ``x`` [BLOCK_M, R, D2P] (feature ``i·d2 + j`` at
+    ``[:, i, j]``; ``ok``: inside the tensor; ``i_ok``: the token and row are) given its tokens'
+    ``scale`` and ``zero`` [BLOCK_M], stored from ``q_row`` (each token's first code), packed two
+    a byte with ``PACK``."""
     q = tl.floor(_scaled(x, scale[:, None, None], EXACT_DIV) + 0.5) + zero[:, None, None]
     q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
-    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
     if PACK:
         q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
-        even, odd = tl.split(tl.reshape(q, (BLOCK_M, D1P, D2P // 2, 2)))
+        even, odd = tl.split(tl.reshape(q, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
         byte = (even & 0xF) | ((odd & 0xF) << 4)
-        jb = tl.arange(0, D2P // 2)[None, None, :]
-        byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
-        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
+        jb = tl.arange(0, x.shape[2] // 2)[None, None, :]
+        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=i_ok & (2 * jb < D2))
     else:
         tl.store(q_row + i * D2 + j, q.to(tl.int8), mask=ok)
 
@@ -325,6 +361,121 @@ def _token_kron_quantize_kernel(
     row_ok = rows < M
     _quantize_store(x[None, :, :], rows, row_ok, i[None, :, :], j[None, :, :], row_ok[:, None, None] & col_ok[None, :, :],
                     q_ptr, scale_ptr, zero_ptr, stride_qm, D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, 1, False)
+
+
+@triton.jit
+def _token_kron_split_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
+    is_masked_ptr, gate_m_ptr, gate_u_ptr,
+    M, stride_xm, stride_qm, eps,
+    K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
+    D1A: tl.constexpr, D1B: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
+    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+):
+    """``_token_kron_quantize_kernel`` with the token's D1 rows as two power-of-two blocks
+    ``D1A + D1B`` instead of one padded to ``D1P`` (LLaDA-8B's down site: 96 = 64 + 32 rows
+    instead of 128), computed transposed so that every product keeps the D2 side as its M (a full
+    warpgroup MMA): ``Yᵀ = P2ᵀ Xᵀ P1``. With ``Xᵀ = [Xaᵀ, Xbᵀ]`` and ``P1 = [[A, B], [C, D]]`` in
+    the same blocks, ``Wᵀ = P2ᵀ Xᵀ`` by column blocks, ``Yaᵀ = Waᵀ A + Wbᵀ C`` and
+    ``Ybᵀ = Waᵀ B + Wbᵀ D``; every product bf16x3, each operand split once. The min and max run
+    over both blocks, then each is quantized and stored. (``D1P`` is not used; ``KRON_PRECISION``
+    must be bf16x3.)"""
+    tl.static_assert(KRON_PRECISION == "bf16x3")
+    tl.static_assert(D1A + D1B >= D1)
+    t = tl.program_id(0)
+    j = tl.arange(0, D2P)[:, None]  # the D2 side along the tiles' rows
+    ia = tl.arange(0, D1A)[None, :]
+    ib = D1A + tl.arange(0, D1B)[None, :]
+    col_a, col_b = ia * D2 + j, ib * D2 + j  # [D2P, D1A], [D2P, D1B]: feature i·d2 + j at [j, i]
+    ok_a, ok_b = (ia < D1) & (j < D2), (ib < D1) & (j < D2)
+    x_row = x_ptr + t.to(tl.int64) * stride_xm
+    xa = tl.load(x_row + col_a, mask=ok_a, other=0.0).to(tl.float32)
+    xb = tl.load(x_row + col_b, mask=ok_b, other=0.0).to(tl.float32)
+    rstd = 1.0
+    if HAS_NORM:
+        ss = tl.sum(tl.sum(xa * xa, axis=1), axis=0) + tl.sum(tl.sum(xb * xb, axis=1), axis=0)
+        rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
+    xa = _norm_smooth(xa, rstd, col_a, ok_a, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
+    xb = _norm_smooth(xb, rstd, col_b, ok_b, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
+    r2 = tl.arange(0, D2P)
+    # P2ᵀ[r, c] = P2[c, r]
+    p2t = tl.load(p2_ptr + r2[None, :] * D2 + r2[:, None], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
+    p2t_hi, p2t_lo = _bf16_pair(p2t.to(tl.float32))
+    # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down site): its
+    # lo part is zero, so two products (P2ᵀ's lo and hi against X)
+    X_EXACT: tl.constexpr = X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH)
+    if X_EXACT:
+        if not INTERPRETING:  # bfloat16 values: converted exactly
+            xa, xb = xa.to(tl.bfloat16), xb.to(tl.bfloat16)
+        wa = _bf16_dot(p2t_lo, xa, tl.zeros([D2P, D1A], dtype=tl.float32), INTERPRETING)
+        wa = _bf16_dot(p2t_hi, xa, wa, INTERPRETING)
+        wb = _bf16_dot(p2t_lo, xb, tl.zeros([D2P, D1B], dtype=tl.float32), INTERPRETING)
+        wb = _bf16_dot(p2t_hi, xb, wb, INTERPRETING)
+    else:
+        xa_hi, xa_lo = _bf16_pair(xa)
+        xb_hi, xb_lo = _bf16_pair(xb)
+        wa = _bf16x3_acc(p2t_hi, p2t_lo, xa_hi, xa_lo, tl.zeros([D2P, D1A], dtype=tl.float32), False)
+        wb = _bf16x3_acc(p2t_hi, p2t_lo, xb_hi, xb_lo, tl.zeros([D2P, D1B], dtype=tl.float32), False)
+    wa_hi, wa_lo = _bf16_pair(wa)
+    wb_hi, wb_lo = _bf16_pair(wb)
+    ra = tl.arange(0, D1A)
+    rb = D1A + tl.arange(0, D1B)
+    a_hi, a_lo = _bf16_pair(_p1_block(p1_ptr, ra, ra, D1))
+    c_hi, c_lo = _bf16_pair(_p1_block(p1_ptr, rb, ra, D1))
+    ya = _bf16x3_acc(wb_hi, wb_lo, c_hi, c_lo, tl.zeros([D2P, D1A], dtype=tl.float32), False)
+    ya = _bf16x3_acc(wa_hi, wa_lo, a_hi, a_lo, ya, False)
+    b_hi, b_lo = _bf16_pair(_p1_block(p1_ptr, ra, rb, D1))
+    d_hi, d_lo = _bf16_pair(_p1_block(p1_ptr, rb, rb, D1))
+    yb = _bf16x3_acc(wb_hi, wb_lo, d_hi, d_lo, tl.zeros([D2P, D1B], dtype=tl.float32), False)
+    yb = _bf16x3_acc(wa_hi, wa_lo, b_hi, b_lo, yb, False)
+    if HAS_GATE:
+        masked = tl.load(is_masked_ptr + t) != 0
+        ya = ya * tl.where(masked, tl.load(gate_m_ptr + col_a, mask=ok_a, other=0.0).to(tl.float32),
+                           tl.load(gate_u_ptr + col_a, mask=ok_a, other=0.0).to(tl.float32))
+        yb = yb * tl.where(masked, tl.load(gate_m_ptr + col_b, mask=ok_b, other=0.0).to(tl.float32),
+                           tl.load(gate_u_ptr + col_b, mask=ok_b, other=0.0).to(tl.float32))
+    # padding is 0 after every stage; make sure, so it cannot move lo/hi
+    ya = tl.where(ok_a, ya, 0.0)
+    yb = tl.where(ok_b, yb, 0.0)
+    flat_a = tl.reshape(ya, (1, D2P * D1A), can_reorder=True)
+    flat_b = tl.reshape(yb, (1, D2P * D1B), can_reorder=True)
+    lo = tl.minimum(tl.minimum(tl.min(flat_a, axis=1), tl.min(flat_b, axis=1)), 0.0)
+    hi = tl.maximum(tl.maximum(tl.max(flat_a, axis=1), tl.max(flat_b, axis=1)), 0.0)
+    scale, zero = _scale_zero(lo, hi, QMIN, LEVELS)
+    rows = t + tl.arange(0, 1)
+    row_ok = rows < M
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
+    q_row = q_ptr + rows.to(tl.int64) * stride_qm
+    _store_codes_t(ya, scale, zero, q_row, ia, j, ok_a & row_ok[:, None], D2, QMIN, QMAX, PACK)
+    _store_codes_t(yb, scale, zero, q_row, ib, j, ok_b & row_ok[:, None], D2, QMIN, QMAX, PACK)
+
+
+@triton.jit
+def _p1_block(p1_ptr, r, c, D1: tl.constexpr):
+    """Rows ``r`` x columns ``c`` of P1 (zero past D1)."""
+    return tl.load(p1_ptr + r[:, None] * D1 + c[None, :], mask=(r[:, None] < D1) & (c[None, :] < D1), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_codes_t(y, scale, zero, q_row, i, j, ok, D2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                   PACK: tl.constexpr):
+    """The codes of one token's transposed tile ``y`` [D2P, R] (feature ``i·d2 + j`` at ``[j, i]``)
+    given its ``scale`` and ``zero`` [1] (after float stages: ``y · (1 / scale)``), stored from
+    ``q_row`` [1], packed two a byte with ``PACK``."""
+    q = tl.floor(_scaled(y, scale[:, None], False) + 0.5) + zero[:, None]
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
+    if PACK:
+        q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
+        even, odd = tl.split(tl.permute(tl.reshape(q, (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
+        byte = (even & 0xF) | ((odd & 0xF) << 4)
+        jb = tl.arange(0, y.shape[0] // 2)[:, None]
+        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=(tl.max(ok.to(tl.int32), axis=0)[None, :] != 0) & (2 * jb < D2))
+    else:
+        tl.store(q_row + i * D2 + j, q.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -513,6 +664,28 @@ CHUNK_KRON_PROGRAMS = 1
 KRON_PRECISION = "bf16x3"
 
 
+# ``_token_kron_split_kernel``: the one-token kernel with the first factor's rows as two
+# power-of-two blocks where that is smaller than padding them (LLaDA-8B's down site: 96 = 64 + 32
+# rows instead of 128; 36 % less tensor-core work, 25 % fewer elements). Static sm_90a SASS a
+# token (hopper_codegen.quantize_variant, compiled here): 2328 instructions at 128 registers
+# (48 bytes of spills) against the padded kernel's 2736 (272); uncapped 2160 at 142 registers
+# against 2352 at 193. The same split with the D1 blocks as the products' M (32-row dots:
+# mma.sync, 2224 bytes of spills) took 4096. Not yet timed on a GPU.
+SPLIT_TOKEN_ROWS = True
+
+
+def token_row_blocks(d1: int) -> Optional[tuple[int, int]]:
+    """(D1A, D1B): ``d1`` rows as two power-of-two blocks of at least 16 (``tl.dot``'s minimum)
+    summing to less than ``d1`` padded to a power of two, or None (no gain, or bf16x3 is not the
+    Kronecker precision: the split kernel is written for it)."""
+    padded = max(16, next_power_of_2(d1))
+    first = padded // 2
+    second = max(16, next_power_of_2(max(d1 - first, 1)))
+    if not SPLIT_TOKEN_ROWS or KRON_PRECISION != "bf16x3" or first < 16 or first + second >= padded:
+        return None
+    return first, second
+
+
 def _kron_tile(d1: int, d2: int) -> int:
     return max(16, next_power_of_2(d1)) * max(16, next_power_of_2(d2))
 
@@ -604,7 +777,10 @@ def fused_quantize_triton(
         maxnreg = TOKEN_KRON_MAXNREG if by_token else QUANTIZE_MAXNREG
         if maxnreg and not INTERPRET:
             extra["maxnreg"] = maxnreg
-        if by_token:
+        blocks = token_row_blocks(d1) if by_token else None
+        if blocks is not None:
+            kernel, tile = _token_kron_split_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16, "D1A": blocks[0], "D1B": blocks[1]}
+        elif by_token:
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
         else:
             kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
@@ -1186,8 +1362,9 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _bf16_rounded, _bf16_dot, _dot_f32, _quantize_store, _fused_quantize_kernel,
-               _norm_smooth, _token_kron_quantize_kernel, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
+    kernels = (_normalised, _bf16_rounded, _bf16_parts, _bf16_pair, _bf16_dot, _bf16x3_acc, _dot_f32, _quantize_store,
+               _store_codes, _fused_quantize_kernel, _norm_smooth, _token_kron_quantize_kernel, _token_kron_split_kernel,
+               _p1_block, _store_codes_t, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
                _a_planes, _k_planes, _epilogue_tile, _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes,
                _w4_weight_planes, _w4_weight_tile, _w4_activation_tile, _w4_linear_kernel_body)
     sources = {}

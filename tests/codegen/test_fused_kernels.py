@@ -275,6 +275,49 @@ else:
             assert_codes_agree(got, x, bits, kw, pack)
         assert launched == [(5,), (3,)]
 
+    def test_token_row_blocks():
+        # two power-of-two blocks of >= 16 rows where they are fewer than the padded rows
+        assert triton_fused.token_row_blocks(96) == (64, 32)  # LLaDA-8B's down site
+        assert triton_fused.token_row_blocks(40) == (32, 16)
+        assert triton_fused.token_row_blocks(48) == (32, 16)
+        assert triton_fused.token_row_blocks(33) == (32, 16)
+        for d1 in (6, 16, 20, 64, 128, 56):  # a power of two, too small, or no fewer rows
+            assert triton_fused.token_row_blocks(d1) is None, d1
+
+    @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
+    @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
+    def test_fused_quantize_one_token_a_program_in_row_blocks(monkeypatch, stages, bits, pack):
+        # The first factor's rows as two power-of-two blocks (LLaDA-8B's down site: 96 = 64 + 32):
+        # _token_kron_split_kernel, here at (48, 8) as 32 + 16 rows (no padding rows; 8 columns
+        # padded to 16) and at (40, 6) as 32 + 16 (the second block half padding), limit lowered
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        launched = []
+        kernel = triton_fused._token_kron_split_kernel
+        monkeypatch.setattr(triton_fused, "_token_kron_split_kernel",
+                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        for m, kron in ((3, (48, 8)), (2, (40, 6))):
+            k = kron[0] * kron[1]
+            gen = _gen("token-blocks", stages, bits, m)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
+            got = fused_quantize_triton(x, bits, **kw, pack=pack)
+            assert_codes_agree(got, x, bits, kw, pack)
+        assert launched == [(3,), (2,)]
+
+    def test_fused_quantize_row_blocks_exact_with_exact_transforms(monkeypatch):
+        # The row-block kernel with signed permutations (every product by ±1 or 0, one nonzero
+        # term a sum, across the blocks too; bfloat16 inputs split exactly): bit for bit the
+        # reference's codes, scales and zeros
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        m, kron = 4, (40, 6)
+        k = kron[0] * kron[1]
+        gen = _gen("blocks-exact")
+        x = _activation(m, k, torch.bfloat16, gen)
+        kw = _stage_args(("gate",), m, k, None, gen, torch.bfloat16)
+        kw["p1"], kw["p2"] = _signed_permutation(kron[0], gen), _signed_permutation(kron[1], gen)
+        for bits in (4, 8):
+            assert_codes_agree(fused_quantize_triton(x, bits, **kw), x, bits, kw, exact=True)
+
     @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
     @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
     def test_fused_quantize_second_factor_in_chunks(monkeypatch, stages, bits, pack):

@@ -93,19 +93,22 @@ def test_fused_quantize_kron_on_tensor_cores_without_spills():
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
-def test_fused_quantize_one_token_a_program_on_tensor_cores():
-    # LLaDA-8B's MLP down site: 96 x 128 Kronecker padded to 128 x 128, one token a program.
-    # Capped at 128 registers (TOKEN_KRON_MAXNREG), so that two programs of 8 warps share a
-    # multiprocessor: ~300 bytes of spills (185 registers and none uncapped, 5-9 % slower on the
-    # H200; 255 and ~100 bytes before the bfloat16 splits used the conversion instruction);
-    # 4 and 16 warps spilled kilobytes and ran 2-3x slower (results/explore-down-site-h200.json).
+@pytest.mark.parametrize("split", [True, False], ids=["row-blocks", "padded"])
+def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split):
+    # LLaDA-8B's MLP down site: 96 x 128 Kronecker, one token a program, its 96 rows as 64 + 32
+    # (_token_kron_split_kernel, every product a warpgroup MMA: ~50 bytes of spills) or padded to
+    # 128 (_token_kron_quantize_kernel: ~300 bytes). Capped at 128 registers (TOKEN_KRON_MAXNREG),
+    # so that two programs of 8 warps share a multiprocessor (the padded kernel: 185 registers and
+    # no spills uncapped, 5-9 % slower on the H200); 4 and 16 warps spilled kilobytes and ran 2-3x
+    # slower (results/explore-down-site-h200.json).
+    monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", split)
     spec = FusedQuantizeSpec(12288, 4, kron=(96, 128), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
-    assert "tile=1x128x128" in r.name
-    assert r.uses_wgmma
+    assert ("tile=1x(64+32)x128" if split else "tile=1x128x128") in r.name
+    assert r.uses_wgmma and (not split or r.mma == ["HGMMA"])  # no mma.sync for the 32-row block
     assert r.registers <= 128 and 2 * r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED  # two programs an SM
-    assert r.spill_bytes <= 512
+    assert r.spill_bytes <= (128 if split else 512)
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
