@@ -9,7 +9,10 @@ with a variant that could replace it.
   multiprocessor;
 * ``padded rows`` (LLaDA-8B's down site): ``_token_kron_quantize_kernel`` with the 96 rows padded to
   128, what production ran before ``_token_kron_split_kernel`` (64 + 32 rows);
-  ``row blocks uncapped``: the latter without the register cap;
+  ``row blocks, factors split in the kernel``: without ``TOKEN_KRON_PRESPLIT``;
+  ``row blocks uncapped``: without the register cap;
+* ``factors split in the kernel`` (Dream-7B's down site): the chunk kernel without
+  ``CHUNK_KRON_PRESPLIT`` (what production ran before);
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -76,7 +79,10 @@ def variants(site, extra=False):
         out += [(f"maxnreg={n}", {"TOKEN_KRON_MAXNREG": n}) for n in (128, 112)]
     if site == "llada down":  # the 96 rows as 64 + 32 (production) against padded to 128
         out += [("padded rows", {"SPLIT_TOKEN_ROWS": False}),
+                ("row blocks, factors split in the kernel", {"TOKEN_KRON_PRESPLIT": False}),
                 ("row blocks uncapped", {"TOKEN_KRON_MAXNREG": None})]
+    if site == "dream down":
+        out.append(("factors split in the kernel", {"CHUNK_KRON_PRESPLIT": False}))
     return out
 
 

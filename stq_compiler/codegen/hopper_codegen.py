@@ -244,7 +244,10 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
     if blocks is not None:
         kernel, warps = triton_fused._token_kron_split_kernel, triton_fused.TOKEN_KRON_WARPS
         tile = f"1x({blocks[0]}+{blocks[1]})x{d2p}"
-        constexprs.update({"X_IS_BF16": x_dtype == "bf16", "D1A": blocks[0], "D1B": blocks[1]})
+        constexprs.update({"X_IS_BF16": x_dtype == "bf16", "D1A": blocks[0], "D1B": blocks[1],
+                           "PRESPLIT": triton_fused.TOKEN_KRON_PRESPLIT})
+        parts_type = "*bf16" if triton_fused.TOKEN_KRON_PRESPLIT else "*fp32"
+        args.update({p: parts_type for p in ("p1_hi_ptr", "p1_lo_ptr", "p2t_hi_ptr", "p2t_lo_ptr")})
         maxnreg = triton_fused.TOKEN_KRON_MAXNREG
     elif by_token:
         kernel, warps, tile = triton_fused._token_kron_quantize_kernel, triton_fused.TOKEN_KRON_WARPS, f"1x{d1p}x{d2p}"
@@ -269,9 +272,12 @@ def chunk_kron_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16
     d1p, ch = max(16, triton.next_power_of_2(d1)), triton_fused.KRON_CHUNK
     ptrs = ("norm_w_ptr", "inv_smooth_ptr", "p1_ptr", "p2_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr", "y_ptr")
     args = {p: "*fp32" for p in ptrs}
+    presplit = triton_fused.CHUNK_KRON_PRESPLIT and triton_fused.KRON_PRECISION == "bf16x3"
+    args.update({p: "*bf16" if presplit else "*fp32" for p in ("p1t_hi_ptr", "p1t_lo_ptr", "p2_hi_ptr", "p2_lo_ptr")})
     args.update({"x_ptr": f"*{x_dtype}", "q_ptr": "*u8" if spec.packed else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
                  "M": m, "stride_xm": k, "stride_qm": (k + 1) // 2 if spec.packed else k, "eps": 1e-5})
     constexprs = {
+        "PRESPLIT": presplit,
         "K": k, "D1": d1, "D2": d2, "D1P": d1p, "CH": ch, "NCH": triton.cdiv(d2, ch),
         "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": spec.packed,
         "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight, "HAS_SMOOTH": spec.smooth, "HAS_GATE": spec.gate,

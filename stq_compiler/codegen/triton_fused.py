@@ -69,6 +69,7 @@ import importlib
 import inspect
 import os
 import textwrap
+import weakref
 from typing import Optional
 
 import torch
@@ -129,7 +130,7 @@ def _bf16_dot(a, b, acc, EMULATE: tl.constexpr):
     accumulation. ``EMULATE`` (the interpreter, whose bfloat16 dot is broken in Triton 3.7): the
     same exact products in a float32 dot."""
     if EMULATE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
 
@@ -374,6 +375,7 @@ def _token_kron_split_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
     KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+    p1_hi_ptr, p1_lo_ptr, p2t_hi_ptr, p2t_lo_ptr, PRESPLIT: tl.constexpr,
 ):
     """``_token_kron_quantize_kernel`` with the token's D1 rows as two power-of-two blocks
     ``D1A + D1B`` instead of one padded to ``D1P`` (LLaDA-8B's down site: 96 = 64 + 32 rows
@@ -382,7 +384,8 @@ def _token_kron_split_kernel(
     the same blocks, ``Wᵀ = P2ᵀ Xᵀ`` by column blocks, ``Yaᵀ = Waᵀ A + Wbᵀ C`` and
     ``Ybᵀ = Waᵀ B + Wbᵀ D``; every product bf16x3, each operand split once. The min and max run
     over both blocks, then each is quantized and stored. (``D1P`` is not used; ``KRON_PRECISION``
-    must be bf16x3.)"""
+    must be bf16x3.) ``PRESPLIT``: the factors come split (P1's and P2ᵀ's bfloat16 hi and lo,
+    ``_bf16_split``), so no program splits them."""
     tl.static_assert(KRON_PRECISION == "bf16x3")
     tl.static_assert(D1A + D1B >= D1)
     t = tl.program_id(0)
@@ -401,9 +404,13 @@ def _token_kron_split_kernel(
     xa = _norm_smooth(xa, rstd, col_a, ok_a, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
     xb = _norm_smooth(xb, rstd, col_b, ok_b, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
     r2 = tl.arange(0, D2P)
-    # P2ᵀ[r, c] = P2[c, r]
-    p2t = tl.load(p2_ptr + r2[None, :] * D2 + r2[:, None], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
-    p2t_hi, p2t_lo = _bf16_pair(p2t.to(tl.float32))
+    p2_ok = (r2[:, None] < D2) & (r2[None, :] < D2)
+    if PRESPLIT:
+        p2t_hi = tl.load(p2t_hi_ptr + r2[:, None] * D2 + r2[None, :], mask=p2_ok, other=0.0)
+        p2t_lo = tl.load(p2t_lo_ptr + r2[:, None] * D2 + r2[None, :], mask=p2_ok, other=0.0)
+    else:  # P2ᵀ[r, c] = P2[c, r]
+        p2t = tl.load(p2_ptr + r2[None, :] * D2 + r2[:, None], mask=p2_ok, other=0.0)
+        p2t_hi, p2t_lo = _bf16_pair(p2t.to(tl.float32))
     # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down site): its
     # lo part is zero, so two products (P2ᵀ's lo and hi against X)
     X_EXACT: tl.constexpr = X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH)
@@ -423,12 +430,12 @@ def _token_kron_split_kernel(
     wb_hi, wb_lo = _bf16_pair(wb)
     ra = tl.arange(0, D1A)
     rb = D1A + tl.arange(0, D1B)
-    a_hi, a_lo = _bf16_pair(_p1_block(p1_ptr, ra, ra, D1))
-    c_hi, c_lo = _bf16_pair(_p1_block(p1_ptr, rb, ra, D1))
+    a_hi, a_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, ra, ra, D1, PRESPLIT)
+    c_hi, c_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, rb, ra, D1, PRESPLIT)
     ya = _bf16x3_acc(wb_hi, wb_lo, c_hi, c_lo, tl.zeros([D2P, D1A], dtype=tl.float32), False)
     ya = _bf16x3_acc(wa_hi, wa_lo, a_hi, a_lo, ya, False)
-    b_hi, b_lo = _bf16_pair(_p1_block(p1_ptr, ra, rb, D1))
-    d_hi, d_lo = _bf16_pair(_p1_block(p1_ptr, rb, rb, D1))
+    b_hi, b_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, ra, rb, D1, PRESPLIT)
+    d_hi, d_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, rb, rb, D1, PRESPLIT)
     yb = _bf16x3_acc(wb_hi, wb_lo, d_hi, d_lo, tl.zeros([D2P, D1B], dtype=tl.float32), False)
     yb = _bf16x3_acc(wa_hi, wa_lo, b_hi, b_lo, yb, False)
     if HAS_GATE:
@@ -456,8 +463,17 @@ def _token_kron_split_kernel(
 
 @triton.jit
 def _p1_block(p1_ptr, r, c, D1: tl.constexpr):
-    """Rows ``r`` x columns ``c`` of P1 (zero past D1)."""
-    return tl.load(p1_ptr + r[:, None] * D1 + c[None, :], mask=(r[:, None] < D1) & (c[None, :] < D1), other=0.0).to(tl.float32)
+    """Rows ``r`` x columns ``c`` of P1 (zero past D1), as stored."""
+    return tl.load(p1_ptr + r[:, None] * D1 + c[None, :], mask=(r[:, None] < D1) & (c[None, :] < D1), other=0.0)
+
+
+@triton.jit
+def _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, r, c, D1: tl.constexpr, PRESPLIT: tl.constexpr):
+    """A block of P1 as bfloat16 (hi, lo): loaded split, or split here."""
+    if PRESPLIT:
+        return _p1_block(p1_hi_ptr, r, c, D1), _p1_block(p1_lo_ptr, r, c, D1)
+    else:
+        return _bf16_pair(_p1_block(p1_ptr, r, c, D1).to(tl.float32))
 
 
 @triton.jit
@@ -496,11 +512,12 @@ def _chunk_kron_quantize_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr,
     norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
     is_masked_ptr, gate_m_ptr, gate_u_ptr, y_ptr,
+    p1t_hi_ptr, p1t_lo_ptr, p2_hi_ptr, p2_lo_ptr,
     M, stride_xm, stride_qm, eps,
     K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
-    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
 ):
     """``_token_kron_quantize_kernel`` for a second factor too large for one tile (Dream-7B's MLP
     down site, 128 x 148: padded to 128 x 256, P2 alone would need 256 KB of shared memory).
@@ -510,7 +527,12 @@ def _chunk_kron_quantize_kernel(
     [D1P, CH] x [CH, CH] dots, then ``P1ᵀ`` times it. The gated chunks go to the program's own
     float32 row of ``y_ptr`` (``programs x K``: 10 MB on an H200 at Dream-7B, it stays in L2) while the
     token's min and max accumulate; after a barrier the row is read back and quantized. The
-    factors' padding is zero, so the padded columns of Y are too."""
+    factors' padding is zero, so the padded columns of Y are too.
+
+    ``PRESPLIT`` (bf16x3): the factors come as their bfloat16 hi and lo parts (P1ᵀ's and P2's,
+    ``_bf16_split``, made once on the host), so no program re-splits them: the split of P1ᵀ
+    for every column chunk and of P2 for every (chunk, chunk) pair of every token took about a
+    third of the kernel's instructions (sm_90a SASS)."""
     pid = tl.program_id(0)
     y_row = y_ptr + pid.to(tl.int64) * K
     i = tl.arange(0, D1P)[:, None]
@@ -541,10 +563,26 @@ def _chunk_kron_quantize_kernel(
                 xk = _chunk_token_rows(x_t, norm_w_ptr, inv_smooth_ptr, rstd, kc, i, c, D1, D2, CH,
                                        HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
                 krow = kc * CH + r[:, None]
-                p2 = tl.load(p2_ptr + krow * D2 + jcol, mask=(krow < D2) & (jcol < D2), other=0.0)
-                acc += _dot_f32(xk, p2.to(tl.float32), KRON_PRECISION, a_is_bf16)
-            p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=p1t_ok, other=0.0)
-            y = _dot_f32(p1t.to(tl.float32), acc, KRON_PRECISION)
+                p2_ok = (krow < D2) & (jcol < D2)
+                if PRESPLIT:
+                    p2_hi = tl.load(p2_hi_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
+                    p2_lo = tl.load(p2_lo_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
+                    if a_is_bf16:
+                        acc = _bf16x3_acc(xk, xk, p2_hi, p2_lo, acc, True)
+                    else:
+                        xk_hi, xk_lo = _bf16_parts(xk)
+                        acc = _bf16x3_acc(xk_hi, xk_lo, p2_hi, p2_lo, acc, False)
+                else:
+                    p2 = tl.load(p2_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
+                    acc += _dot_f32(xk, p2.to(tl.float32), KRON_PRECISION, a_is_bf16)
+            if PRESPLIT:
+                p1t_hi = tl.load(p1t_hi_ptr + r1[:, None] * D1 + r1[None, :], mask=p1t_ok, other=0.0)
+                p1t_lo = tl.load(p1t_lo_ptr + r1[:, None] * D1 + r1[None, :], mask=p1t_ok, other=0.0)
+                acc_hi, acc_lo = _bf16_parts(acc)
+                y = _bf16x3_acc(p1t_hi, p1t_lo, acc_hi, acc_lo, tl.zeros([D1P, CH], dtype=tl.float32), False)
+            else:
+                p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=p1t_ok, other=0.0)
+                y = _dot_f32(p1t.to(tl.float32), acc, KRON_PRECISION)
             ok = (i < D1) & (jcol < D2)
             if HAS_GATE:
                 g_m = tl.load(gate_m_ptr + i * D2 + jcol, mask=ok, other=0.0).to(tl.float32)
@@ -657,6 +695,12 @@ KRON_CHUNK = 64
 MAX_CHUNK_KRON_D1 = 128
 CHUNK_KRON_WARPS = 8
 CHUNK_KRON_PROGRAMS = 1
+# the chunk kernel's factors split into bfloat16 hi + lo once on the host (``_bf16_split``)
+# instead of in every program for every chunk: Dream-7B's down site, sm_90a SASS weighted by its
+# loops' trip counts, about 4600 instructions a token against 6400; 199 registers and no spills
+# against 255 and 56 bytes, 96 KB of shared memory against 64 (one program a multiprocessor
+# either way). Not yet timed on a GPU.
+CHUNK_KRON_PRESPLIT = True
 
 # _dot_f32's precision for the Kronecker stage (float32 operands; see there). H200, 1024 tokens,
 # against tf32x3 (benchmarks/explore/quantize_sites.py, down_site.py): LLaDA-8B q/k/v 17 / 34 µs,
@@ -672,6 +716,11 @@ KRON_PRECISION = "bf16x3"
 # against 2352 at 193. The same split with the D1 blocks as the products' M (32-row dots:
 # mma.sync, 2224 bytes of spills) took 4096. Not yet timed on a GPU.
 SPLIT_TOKEN_ROWS = True
+# the split kernel's factors split into bfloat16 hi + lo once on the host (``_bf16_split``):
+# sm_90a SASS a token 1784 instructions at 128 registers (8 bytes of spills), 90 KB of shared
+# memory (two programs a multiprocessor still), against 2328 splitting them in every program and
+# the padded kernel's 2736. Not yet timed on a GPU.
+TOKEN_KRON_PRESPLIT = True
 
 
 def token_row_blocks(d1: int) -> Optional[tuple[int, int]]:
@@ -780,6 +829,8 @@ def fused_quantize_triton(
         blocks = token_row_blocks(d1) if by_token else None
         if blocks is not None:
             kernel, tile = _token_kron_split_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16, "D1A": blocks[0], "D1B": blocks[1]}
+            parts = (*_bf16_split(p1), *_bf16_split(p2, transpose=True)) if TOKEN_KRON_PRESPLIT else (p1,) * 4
+            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2t_hi_ptr", "p2t_lo_ptr"), parts), PRESPLIT=TOKEN_KRON_PRESPLIT)
         elif by_token:
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
         else:
@@ -811,15 +862,41 @@ def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, stat
         programs = min(m, CHUNK_KRON_PROGRAMS * _multiprocessors(x2.device.index))
         extra = {"num_warps": CHUNK_KRON_WARPS, "enable_fp_fusion": False}
     scratch = torch.empty((programs, k), dtype=torch.float32, device=x2.device)
+    presplit = CHUNK_KRON_PRESPLIT and KRON_PRECISION == "bf16x3"
+    parts = (*_bf16_split(p1, transpose=True), *_bf16_split(p2)) if presplit else (p1,) * 4
     with _device_of(x2):
         _chunk_kron_quantize_kernel[(programs,)](
-            x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked, scratch,
+            x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked, scratch, *parts,
             m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
             K=k, D1=d1, D2=d2, D1P=max(16, next_power_of_2(d1)), CH=KRON_CHUNK, NCH=cdiv(d2, KRON_CHUNK),
             QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
             HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight, HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate,
-            KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, **extra,
+            KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, PRESPLIT=presplit, **extra,
         )
+
+
+_SPLITS: dict[int, tuple] = {}  # id(factor) -> (weak reference, {(version, transpose): (hi, lo)})
+
+
+def _bf16_split(factor: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Kronecker factor (or its transpose, contiguous) as bfloat16 ``(hi, lo)`` with
+    ``hi + lo`` its value to 16 significant bits, both rounded to nearest even (as the kernels'
+    ``_bf16_parts``). Kept per factor tensor and version while the factor lives: the factors
+    are constants of the compiled graph, so under CUDA graphs the split is made before capture
+    and never replayed. (Keyed by id with a weak reference: a WeakKeyDictionary would compare
+    tensors with ``==``.)"""
+    key = (factor._version, transpose)
+    entry = _SPLITS.get(id(factor))
+    if entry is not None and entry[0]() is factor and key in entry[1]:
+        return entry[1][key]
+    if entry is None or entry[0]() is not factor:
+        entry = (weakref.ref(factor), {})
+        _SPLITS[id(factor)] = entry
+        weakref.finalize(factor, _SPLITS.pop, id(factor), None)
+    f = (factor.t() if transpose else factor).float().contiguous()
+    hi = f.to(torch.bfloat16)
+    entry[1][key] = (hi, (f - hi.float()).to(torch.bfloat16))
+    return entry[1][key]
 
 
 # ----------------------------------------------------------------------------------------------

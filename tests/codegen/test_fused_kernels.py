@@ -43,6 +43,26 @@ if not INTERPRETING:
         assert triton_fused.KRON_PRECISION in ("bf16x3", "tf32x3", "ieee")  # never plain TF32 or bfloat16
         assert "tl.dot" in sources["_fused_linear_kernel_body"]
 
+    def test_factor_split_is_kept_per_tensor_and_version():
+        # _bf16_split: the chunk kernel's pre-split factors, made once per factor tensor and
+        # version (hi + lo within 2^-16 of the value, both bfloat16 rounded to nearest even)
+        from stq_compiler.codegen import triton_fused
+
+        p = torch.randn(20, 20, generator=torch.Generator().manual_seed(3))
+        hi, lo = triton_fused._bf16_split(p)
+        assert hi.dtype == lo.dtype == torch.bfloat16
+        assert torch.equal(hi, p.to(torch.bfloat16)) and torch.equal(lo, (p - hi.float()).to(torch.bfloat16))
+        assert ((hi.float() + lo.float() - p).abs() <= 2.0**-16 * p.abs()).all()
+        assert triton_fused._bf16_split(p)[0] is hi  # kept
+        hi_t, _ = triton_fused._bf16_split(p, transpose=True)
+        assert torch.equal(hi_t, hi.t()) and hi_t.is_contiguous()
+        p.mul_(2.0)  # a new version: split again
+        assert torch.equal(triton_fused._bf16_split(p)[0], p.to(torch.bfloat16))
+        assert triton_fused._bf16_split(p)[0] is not hi
+        key = id(p)
+        del p, hi, lo, hi_t
+        assert key not in triton_fused._SPLITS  # dropped with the factor
+
     def test_kernels_match_reference_in_triton_interpreter():
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         proc = subprocess.run(

@@ -96,7 +96,8 @@ def test_fused_quantize_kron_on_tensor_cores_without_spills():
 @pytest.mark.parametrize("split", [True, False], ids=["row-blocks", "padded"])
 def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split):
     # LLaDA-8B's MLP down site: 96 x 128 Kronecker, one token a program, its 96 rows as 64 + 32
-    # (_token_kron_split_kernel, every product a warpgroup MMA: ~50 bytes of spills) or padded to
+    # (_token_kron_split_kernel, every product a warpgroup MMA, factors split on the host: under 16
+    # bytes of spills; ~50 splitting them in the kernel) or padded to
     # 128 (_token_kron_quantize_kernel: ~300 bytes). Capped at 128 registers (TOKEN_KRON_MAXNREG),
     # so that two programs of 8 warps share a multiprocessor (the padded kernel: 185 registers and
     # no spills uncapped, 5-9 % slower on the H200); 4 and 16 warps spilled kilobytes and ran 2-3x
@@ -112,14 +113,17 @@ def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split):
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
-def test_fused_quantize_second_factor_in_chunks_on_tensor_cores():
+@pytest.mark.parametrize("presplit", [True, False], ids=["presplit", "split-in-kernel"])
+def test_fused_quantize_second_factor_in_chunks_on_tensor_cores(monkeypatch, presplit):
     # Dream-7B's MLP down site: 128 x 148, too large for one token's tile (P2 alone 256 KB):
-    # _chunk_kron_quantize_kernel, 64 columns of the second factor at a time. 56 bytes of spills
-    # at 8 warps (255 registers), 64 KB of shared memory.
+    # _chunk_kron_quantize_kernel, 64 columns of the second factor at a time. With the factors
+    # split on the host: 199 registers, no spills, 96 KB of shared memory; split in the kernel:
+    # 255 registers and 56 bytes of spills, 64 KB (8 warps; one program a multiprocessor).
+    monkeypatch.setattr(triton_fused, "CHUNK_KRON_PRESPLIT", presplit)
     spec = FusedQuantizeSpec(18944, 4, kron=(128, 148), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
     assert "chunks=128x64x3" in r.name
     assert r.uses_wgmma
-    assert r.spill_bytes <= 64
+    assert r.spill_bytes <= (0 if presplit else 64)
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
