@@ -255,7 +255,9 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
         maxnreg = triton_fused.TOKEN_KRON_MAXNREG
     else:
         kernel, warps = triton_fused._fused_quantize_kernel, triton_fused._quantize_warps(block_m * d1p * d2p)
-        constexprs.update({"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m})
+        presplit = triton_fused.FUSED_KRON_PRESPLIT and spec.kron is not None and triton_fused.KRON_PRECISION == "bf16x3"
+        constexprs.update({"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m, "PRESPLIT": presplit})
+        args.update({p: "*bf16" if presplit else "*fp32" for p in ("p1_hi_ptr", "p1_lo_ptr", "p2_hi_ptr", "p2_lo_ptr")})
         tile = f"{block_m}x{d1p}x{d2p}"
         maxnreg = triton_fused.QUANTIZE_MAXNREG
     compiled = compile_sm90(kernel, args, constexprs, warps, 1, maxnreg)

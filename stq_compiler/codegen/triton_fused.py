@@ -165,6 +165,13 @@ def _bf16x3_acc(a_hi, a_lo, b_hi, b_lo, acc, A_IS_BF16: tl.constexpr):
 
 
 @triton.jit
+def _dot_f32_split_b(a, b_hi, b_lo):
+    """``_dot_f32``'s bf16x3 ``a @ b`` with ``b`` given as its bfloat16 parts."""
+    a_hi, a_lo = _bf16_parts(a)
+    return _bf16x3_acc(a_hi, a_lo, b_hi, b_lo, tl.zeros([a.shape[0], b_hi.shape[1]], dtype=tl.float32), False)
+
+
+@triton.jit
 def _dot_f32(a, b, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr = False):
     """``a @ b`` of float32 tiles to about float32 accuracy on tensor cores.
 
@@ -259,6 +266,7 @@ def _fused_quantize_kernel(
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_KRON: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, KRON_PRECISION: tl.constexpr,
+    p1_hi_ptr, p1_lo_ptr, p2_hi_ptr, p2_lo_ptr, PRESPLIT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -286,13 +294,26 @@ def _fused_quantize_kernel(
 
     if HAS_KRON:
         # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
+        # PRESPLIT (bf16x3): the factors come as their bfloat16 hi and lo parts (``_bf16_split``)
         r2 = tl.arange(0, D2P)
-        p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
-        xp2 = _dot_f32(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), KRON_PRECISION)
+        p2_at = r2[:, None] * D2 + r2[None, :]
+        p2_ok = (r2[:, None] < D2) & (r2[None, :] < D2)
+        x2d = tl.reshape(x, (BLOCK_M * D1P, D2P))
+        if PRESPLIT:
+            xp2 = _dot_f32_split_b(x2d, tl.load(p2_hi_ptr + p2_at, mask=p2_ok, other=0.0),
+                                   tl.load(p2_lo_ptr + p2_at, mask=p2_ok, other=0.0))
+        else:
+            xp2 = _dot_f32(x2d, tl.load(p2_ptr + p2_at, mask=p2_ok, other=0.0).to(tl.float32), KRON_PRECISION)
         xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
         r1 = tl.arange(0, D1P)
-        p1 = tl.load(p1_ptr + r1[:, None] * D1 + r1[None, :], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
-        y_t = _dot_f32(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), KRON_PRECISION)
+        p1_at = r1[:, None] * D1 + r1[None, :]
+        p1_ok = (r1[:, None] < D1) & (r1[None, :] < D1)
+        xp2_2d = tl.reshape(xp2_t, (BLOCK_M * D2P, D1P))
+        if PRESPLIT:
+            y_t = _dot_f32_split_b(xp2_2d, tl.load(p1_hi_ptr + p1_at, mask=p1_ok, other=0.0),
+                                   tl.load(p1_lo_ptr + p1_at, mask=p1_ok, other=0.0))
+        else:
+            y_t = _dot_f32(xp2_2d, tl.load(p1_ptr + p1_at, mask=p1_ok, other=0.0).to(tl.float32), KRON_PRECISION)
         x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
 
     if HAS_GATE:
@@ -721,6 +742,9 @@ SPLIT_TOKEN_ROWS = True
 # memory (two programs a multiprocessor still), against 2328 splitting them in every program and
 # the padded kernel's 2736. Not yet timed on a GPU.
 TOKEN_KRON_PRESPLIT = True
+# the same for ``_fused_quantize_kernel`` (the 64 x 64 sites, two tokens a program: splitting the
+# factors in every program cost as much as splitting the tokens)
+FUSED_KRON_PRESPLIT = True
 
 
 def token_row_blocks(d1: int) -> Optional[tuple[int, int]]:
@@ -835,6 +859,9 @@ def fused_quantize_triton(
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
         else:
             kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
+            presplit = FUSED_KRON_PRESPLIT and spec.kron is not None and KRON_PRECISION == "bf16x3"
+            parts = (*_bf16_split(p1), *_bf16_split(p2)) if presplit else (dummy,) * 4
+            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2_hi_ptr", "p2_lo_ptr"), parts), PRESPLIT=presplit)
         with _device_of(x2):
             kernel[(cdiv(m, block_m),)](
                 x2, q, scale, zero,
@@ -1439,7 +1466,7 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _bf16_rounded, _bf16_parts, _bf16_pair, _bf16_dot, _bf16x3_acc, _dot_f32, _quantize_store,
+    kernels = (_normalised, _bf16_rounded, _bf16_parts, _bf16_pair, _bf16_dot, _bf16x3_acc, _dot_f32_split_b, _dot_f32, _quantize_store,
                _store_codes, _fused_quantize_kernel, _norm_smooth, _token_kron_quantize_kernel, _token_kron_split_kernel,
                _p1_block, _store_codes_t, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
                _a_planes, _k_planes, _epilogue_tile, _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes,
