@@ -101,6 +101,7 @@ def main():
                 kw["rms_eps"] = 1e-5
             if stage == "tac":
                 kw.update(tac_m=tac_m, tac_d=tac_d)
+            triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])  # as the fusion pass does
             cpu_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
             want = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu_kw, pack=False)
             for name, patch in variants(site, args.registers):
@@ -112,7 +113,9 @@ def main():
                 except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
                     print(f"M={m} {site:11s} {name:22s} FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue
-                rows.append({"m": m, "k": k, "site": site, "variant": name, "ok": ok, "us": us, **numbers})
+                rows.append({"m": m, "k": k, "site": site, "variant": name, "ok": ok, "us": us, **numbers,
+                             "launches": dict(triton_fused.PRESPLIT_LAUNCHES)})
+                triton_fused.PRESPLIT_LAUNCHES.clear()
                 print(f"M={m} {site:11s} {name:22s} {'ok ' if ok else 'BAD'} identical={numbers['codes_identical']:.6f} "
                       f"maxdiff={numbers['max_code_diff']} {us:8.1f} us", flush=True)
                 Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

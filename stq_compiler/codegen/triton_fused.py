@@ -63,6 +63,7 @@ configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib
@@ -853,15 +854,16 @@ def fused_quantize_triton(
         blocks = token_row_blocks(d1) if by_token else None
         if blocks is not None:
             kernel, tile = _token_kron_split_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16, "D1A": blocks[0], "D1B": blocks[1]}
-            parts = (*_bf16_split(p1), *_bf16_split(p2, transpose=True)) if TOKEN_KRON_PRESPLIT else (p1,) * 4
-            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2t_hi_ptr", "p2t_lo_ptr"), parts), PRESPLIT=TOKEN_KRON_PRESPLIT)
+            parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (p1, False), (p2, True))
+            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2t_hi_ptr", "p2t_lo_ptr"), parts or (dummy,) * 4),
+                        PRESPLIT=parts is not None)
         elif by_token:
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
         else:
             kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
-            presplit = FUSED_KRON_PRESPLIT and spec.kron is not None and KRON_PRECISION == "bf16x3"
-            parts = (*_bf16_split(p1), *_bf16_split(p2)) if presplit else (dummy,) * 4
-            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2_hi_ptr", "p2_lo_ptr"), parts), PRESPLIT=presplit)
+            parts = _presplit_parts(FUSED_KRON_PRESPLIT and spec.kron is not None, (p1, False), (p2, False))
+            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2_hi_ptr", "p2_lo_ptr"), parts or (dummy,) * 4),
+                        PRESPLIT=parts is not None)
         with _device_of(x2):
             kernel[(cdiv(m, block_m),)](
                 x2, q, scale, zero,
@@ -889,8 +891,9 @@ def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, stat
         programs = min(m, CHUNK_KRON_PROGRAMS * _multiprocessors(x2.device.index))
         extra = {"num_warps": CHUNK_KRON_WARPS, "enable_fp_fusion": False}
     scratch = torch.empty((programs, k), dtype=torch.float32, device=x2.device)
-    presplit = CHUNK_KRON_PRESPLIT and KRON_PRECISION == "bf16x3"
-    parts = (*_bf16_split(p1, transpose=True), *_bf16_split(p2)) if presplit else (p1,) * 4
+    parts = _presplit_parts(CHUNK_KRON_PRESPLIT, (p1, True), (p2, False))
+    presplit = parts is not None
+    parts = parts or (p1,) * 4
     with _device_of(x2):
         _chunk_kron_quantize_kernel[(programs,)](
             x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked, scratch, *parts,
@@ -903,19 +906,23 @@ def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, stat
 
 
 _SPLITS: dict[int, tuple] = {}  # id(factor) -> (weak reference, {(version, transpose): (hi, lo)})
+# launches of the Kronecker kernels with the factors split ahead ("presplit") or in the kernel
+# because no split was made for the CUDA factor ("split in kernel"): for probes and benchmarks
+PRESPLIT_LAUNCHES: collections.Counter = collections.Counter()
 
 
-def _bf16_split(factor: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _bf16_split(factor: torch.Tensor, transpose: bool = False, make: bool = True):
     """A Kronecker factor (or its transpose, contiguous) as bfloat16 ``(hi, lo)`` with
     ``hi + lo`` its value to 16 significant bits, both rounded to nearest even (as the kernels'
-    ``_bf16_parts``). Kept per factor tensor and version while the factor lives: the factors
-    are constants of the compiled graph, so under CUDA graphs the split is made before capture
-    and never replayed. (Keyed by id with a weak reference: a WeakKeyDictionary would compare
-    tensors with ``==``.)"""
+    ``_bf16_parts``). Kept per factor tensor and version while the factor lives; with ``make``
+    False, None unless it was made before. (Keyed by id with a weak reference: a
+    WeakKeyDictionary would compare tensors with ``==``.)"""
     key = (factor._version, transpose)
     entry = _SPLITS.get(id(factor))
     if entry is not None and entry[0]() is factor and key in entry[1]:
         return entry[1][key]
+    if not make:
+        return None
     if entry is None or entry[0]() is not factor:
         entry = (weakref.ref(factor), {})
         _SPLITS[id(factor)] = entry
@@ -924,6 +931,31 @@ def _bf16_split(factor: torch.Tensor, transpose: bool = False) -> tuple[torch.Te
     hi = f.to(torch.bfloat16)
     entry[1][key] = (hi, (f - hi.float()).to(torch.bfloat16))
     return entry[1][key]
+
+
+def prepare_factor_splits(*factors: torch.Tensor) -> None:
+    """Make the bfloat16 splits of Kronecker factors (as stored and transposed) ahead of their
+    first launch. The fusion pass calls it at compile time for CUDA factors: at run time a CUDA
+    factor without its split is split in the kernel instead, never here, because under CUDA
+    graphs the first call is a warm-up that allocates in the graph's memory pool, and Inductor's
+    CUDA-graph trees refuse memory left there that is not an output."""
+    for factor in factors:
+        for transpose in (False, True):
+            _bf16_split(factor, transpose)
+
+
+def _presplit_parts(wanted: bool, *factors: tuple) -> Optional[tuple]:
+    """(hi, lo, hi, lo, ...) of ``(factor, transposed)`` pairs, or None: not ``wanted``, a
+    precision other than bf16x3, or a CUDA factor whose split was not made ahead
+    (``prepare_factor_splits``). CPU factors (the interpreter) are split here."""
+    if not wanted or KRON_PRECISION != "bf16x3":
+        return None
+    parts = [_bf16_split(f, t, make=not f.is_cuda) for f, t in factors]
+    if any(p is None for p in parts):
+        PRESPLIT_LAUNCHES["split in kernel"] += 1
+        return None
+    PRESPLIT_LAUNCHES["presplit"] += 1
+    return tuple(t for pair in parts for t in pair)
 
 
 # ----------------------------------------------------------------------------------------------

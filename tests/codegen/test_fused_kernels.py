@@ -62,6 +62,13 @@ if not INTERPRETING:
         key = id(p)
         del p, hi, lo, hi_t
         assert key not in triton_fused._SPLITS  # dropped with the factor
+        # what the launchers of CUDA factors ask: made ahead (the fusion pass), or None
+        q = torch.randn(8, 8)
+        assert triton_fused._bf16_split(q, make=False) is None
+        triton_fused.prepare_factor_splits(q)
+        assert torch.equal(triton_fused._bf16_split(q, True, make=False)[0], q.t().to(torch.bfloat16))
+        assert triton_fused._presplit_parts(True, (q, False), (q, True))[2] is triton_fused._bf16_split(q, True)[0]
+        assert triton_fused._presplit_parts(False, (q, False)) is None
 
     def test_kernels_match_reference_in_triton_interpreter():
         env = {**os.environ, "TRITON_INTERPRET": "1"}
