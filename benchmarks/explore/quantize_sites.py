@@ -11,8 +11,9 @@ with a variant that could replace it.
   128, what production ran before ``_token_kron_split_kernel`` (64 + 32 rows);
   ``row blocks, factors split in the kernel``: without ``TOKEN_KRON_PRESPLIT``;
   ``row blocks uncapped``: without the register cap;
-* ``factors split in the kernel`` (Dream-7B's down site): the chunk kernel without
-  ``CHUNK_KRON_PRESPLIT`` (what production ran before);
+* Dream-7B's down site: ``chunks`` (``_chunk_kron_quantize_kernel``, what production ran before
+  ``_token_kron_split_kernel`` took the 148 columns as 128 + 32), with and without its factors
+  split ahead (``CHUNK_KRON_PRESPLIT``), and the column blocks splitting the factors in the kernel;
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -81,8 +82,10 @@ def variants(site, extra=False):
         out += [("padded rows", {"SPLIT_TOKEN_ROWS": False}),
                 ("row blocks, factors split in the kernel", {"TOKEN_KRON_PRESPLIT": False}),
                 ("row blocks uncapped", {"TOKEN_KRON_MAXNREG": None})]
-    if site == "dream down":
-        out.append(("factors split in the kernel", {"CHUNK_KRON_PRESPLIT": False}))
+    if site == "dream down":  # the 148 columns as 128 + 32 (production) against the chunk kernel
+        out += [("chunks", {"MAX_TOKEN_SPLIT_TILE": 0}),
+                ("chunks, factors split in the kernel", {"MAX_TOKEN_SPLIT_TILE": 0, "CHUNK_KRON_PRESPLIT": False}),
+                ("column blocks, factors split in the kernel", {"TOKEN_KRON_PRESPLIT": False})]
     return out
 
 

@@ -389,33 +389,40 @@ def _token_kron_quantize_kernel(
 @triton.jit
 def _token_kron_split_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr,
-    norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
+    norm_w_ptr, inv_smooth_ptr, lf_ptr, rf_ptr,
     is_masked_ptr, gate_m_ptr, gate_u_ptr,
     M, stride_xm, stride_qm, eps,
-    K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, D2P: tl.constexpr,
-    D1A: tl.constexpr, D1B: tl.constexpr,
+    lt_hi_ptr, lt_lo_ptr, rf_hi_ptr, rf_lo_ptr,
+    K: tl.constexpr, D2: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr,
+    CA: tl.constexpr, CB: tl.constexpr, SPLIT_J: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
-    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
-    p1_hi_ptr, p1_lo_ptr, p2t_hi_ptr, p2t_lo_ptr, PRESPLIT: tl.constexpr,
+    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
 ):
-    """``_token_kron_quantize_kernel`` with the token's D1 rows as two power-of-two blocks
-    ``D1A + D1B`` instead of one padded to ``D1P`` (LLaDA-8B's down site: 96 = 64 + 32 rows
-    instead of 128), computed transposed so that every product keeps the D2 side as its M (a full
-    warpgroup MMA): ``Yᵀ = P2ᵀ Xᵀ P1``. With ``Xᵀ = [Xaᵀ, Xbᵀ]`` and ``P1 = [[A, B], [C, D]]`` in
-    the same blocks, ``Wᵀ = P2ᵀ Xᵀ`` by column blocks, ``Yaᵀ = Waᵀ A + Wbᵀ C`` and
-    ``Ybᵀ = Waᵀ B + Wbᵀ D``; every product bf16x3, each operand split once. The min and max run
-    over both blocks, then each is quantized and stored. (``D1P`` is not used; ``KRON_PRECISION``
-    must be bf16x3.) ``PRESPLIT``: the factors come split (P1's and P2ᵀ's bfloat16 hi and lo,
-    ``_bf16_split``), so no program splits them."""
+    """One token a program, ``Y = P1ᵀ X P2`` with one factor's side split into two power-of-two
+    blocks ``CA + CB`` instead of padded (LLaDA-8B's down site, d1 x d2 = 96 x 128: the 96 rows as
+    64 + 32 instead of 128; Dream-7B's, 128 x 148: the 148 columns as 128 + 32 instead of 256).
+    The tile is [RP, CA] + [RP, CB]: the unsplit side along its rows, so that every product has a
+    full warpgroup's M. In those terms the transform is ``L · T · Rf``, T the token's matrix with
+    the unsplit side first, ``L`` the left factor's transpose, ``Rf`` the right factor:
+    ``SPLIT_J`` (columns split): T = X, L = P1ᵀ, Rf = P2, feature ``r·d2 + c``; otherwise (rows
+    split) T = Xᵀ, L = P2ᵀ, Rf = P1, feature ``c·d2 + r``. With ``Rf = [[A, B], [C, D]]`` in the
+    split blocks, ``W = L T`` by column blocks, ``Ya = Wa A + Wb C``, ``Yb = Wa B + Wb D``;
+    every product bf16x3, each operand split once (``PRESPLIT``: the factors arrive split,
+    ``_bf16_split``; ``lf_ptr`` / ``rf_ptr``: the factors as stored, read otherwise). The min and
+    max run over both blocks, then each is quantized and stored. (``KRON_PRECISION`` must be
+    bf16x3.)"""
     tl.static_assert(KRON_PRECISION == "bf16x3")
-    tl.static_assert(D1A + D1B >= D1)
+    tl.static_assert(CA + CB >= C)
     t = tl.program_id(0)
-    j = tl.arange(0, D2P)[:, None]  # the D2 side along the tiles' rows
-    ia = tl.arange(0, D1A)[None, :]
-    ib = D1A + tl.arange(0, D1B)[None, :]
-    col_a, col_b = ia * D2 + j, ib * D2 + j  # [D2P, D1A], [D2P, D1B]: feature i·d2 + j at [j, i]
-    ok_a, ok_b = (ia < D1) & (j < D2), (ib < D1) & (j < D2)
+    r = tl.arange(0, RP)[:, None]  # the unsplit side along the tiles' rows
+    ca = tl.arange(0, CA)[None, :]
+    cb = CA + tl.arange(0, CB)[None, :]
+    if SPLIT_J:
+        col_a, col_b = r * D2 + ca, r * D2 + cb
+    else:
+        col_a, col_b = ca * D2 + r, cb * D2 + r
+    ok_a, ok_b = (ca < C) & (r < R), (cb < C) & (r < R)
     x_row = x_ptr + t.to(tl.int64) * stride_xm
     xa = tl.load(x_row + col_a, mask=ok_a, other=0.0).to(tl.float32)
     xb = tl.load(x_row + col_b, mask=ok_b, other=0.0).to(tl.float32)
@@ -425,40 +432,39 @@ def _token_kron_split_kernel(
         rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
     xa = _norm_smooth(xa, rstd, col_a, ok_a, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
     xb = _norm_smooth(xb, rstd, col_b, ok_b, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
-    r2 = tl.arange(0, D2P)
-    p2_ok = (r2[:, None] < D2) & (r2[None, :] < D2)
+    rr = tl.arange(0, RP)
+    l_ok = (rr[:, None] < R) & (rr[None, :] < R)
     if PRESPLIT:
-        p2t_hi = tl.load(p2t_hi_ptr + r2[:, None] * D2 + r2[None, :], mask=p2_ok, other=0.0)
-        p2t_lo = tl.load(p2t_lo_ptr + r2[:, None] * D2 + r2[None, :], mask=p2_ok, other=0.0)
-    else:  # P2ᵀ[r, c] = P2[c, r]
-        p2t = tl.load(p2_ptr + r2[None, :] * D2 + r2[:, None], mask=p2_ok, other=0.0)
-        p2t_hi, p2t_lo = _bf16_pair(p2t.to(tl.float32))
-    # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down site): its
-    # lo part is zero, so two products (P2ᵀ's lo and hi against X)
+        l_hi = tl.load(lt_hi_ptr + rr[:, None] * R + rr[None, :], mask=l_ok, other=0.0)
+        l_lo = tl.load(lt_lo_ptr + rr[:, None] * R + rr[None, :], mask=l_ok, other=0.0)
+    else:  # Lᵀ as stored: L[r, r'] = lf[r', r]
+        l_hi, l_lo = _bf16_pair(tl.load(lf_ptr + rr[None, :] * R + rr[:, None], mask=l_ok, other=0.0).to(tl.float32))
+    # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down sites): its
+    # lo part is zero, so two products (L's lo and hi against T)
     X_EXACT: tl.constexpr = X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH)
     if X_EXACT:
         if not INTERPRETING:  # bfloat16 values: converted exactly
             xa, xb = xa.to(tl.bfloat16), xb.to(tl.bfloat16)
-        wa = _bf16_dot(p2t_lo, xa, tl.zeros([D2P, D1A], dtype=tl.float32), INTERPRETING)
-        wa = _bf16_dot(p2t_hi, xa, wa, INTERPRETING)
-        wb = _bf16_dot(p2t_lo, xb, tl.zeros([D2P, D1B], dtype=tl.float32), INTERPRETING)
-        wb = _bf16_dot(p2t_hi, xb, wb, INTERPRETING)
+        wa = _bf16_dot(l_lo, xa, tl.zeros([RP, CA], dtype=tl.float32), INTERPRETING)
+        wa = _bf16_dot(l_hi, xa, wa, INTERPRETING)
+        wb = _bf16_dot(l_lo, xb, tl.zeros([RP, CB], dtype=tl.float32), INTERPRETING)
+        wb = _bf16_dot(l_hi, xb, wb, INTERPRETING)
     else:
         xa_hi, xa_lo = _bf16_pair(xa)
         xb_hi, xb_lo = _bf16_pair(xb)
-        wa = _bf16x3_acc(p2t_hi, p2t_lo, xa_hi, xa_lo, tl.zeros([D2P, D1A], dtype=tl.float32), False)
-        wb = _bf16x3_acc(p2t_hi, p2t_lo, xb_hi, xb_lo, tl.zeros([D2P, D1B], dtype=tl.float32), False)
+        wa = _bf16x3_acc(l_hi, l_lo, xa_hi, xa_lo, tl.zeros([RP, CA], dtype=tl.float32), False)
+        wb = _bf16x3_acc(l_hi, l_lo, xb_hi, xb_lo, tl.zeros([RP, CB], dtype=tl.float32), False)
     wa_hi, wa_lo = _bf16_pair(wa)
     wb_hi, wb_lo = _bf16_pair(wb)
-    ra = tl.arange(0, D1A)
-    rb = D1A + tl.arange(0, D1B)
-    a_hi, a_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, ra, ra, D1, PRESPLIT)
-    c_hi, c_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, rb, ra, D1, PRESPLIT)
-    ya = _bf16x3_acc(wb_hi, wb_lo, c_hi, c_lo, tl.zeros([D2P, D1A], dtype=tl.float32), False)
+    ia = tl.arange(0, CA)
+    ib = CA + tl.arange(0, CB)
+    a_hi, a_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ia, ia, C, PRESPLIT)
+    c_hi, c_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ib, ia, C, PRESPLIT)
+    ya = _bf16x3_acc(wb_hi, wb_lo, c_hi, c_lo, tl.zeros([RP, CA], dtype=tl.float32), False)
     ya = _bf16x3_acc(wa_hi, wa_lo, a_hi, a_lo, ya, False)
-    b_hi, b_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, ra, rb, D1, PRESPLIT)
-    d_hi, d_lo = _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, rb, rb, D1, PRESPLIT)
-    yb = _bf16x3_acc(wb_hi, wb_lo, d_hi, d_lo, tl.zeros([D2P, D1B], dtype=tl.float32), False)
+    b_hi, b_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ia, ib, C, PRESPLIT)
+    d_hi, d_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ib, ib, C, PRESPLIT)
+    yb = _bf16x3_acc(wb_hi, wb_lo, d_hi, d_lo, tl.zeros([RP, CB], dtype=tl.float32), False)
     yb = _bf16x3_acc(wa_hi, wa_lo, b_hi, b_lo, yb, False)
     if HAS_GATE:
         masked = tl.load(is_masked_ptr + t) != 0
@@ -469,8 +475,8 @@ def _token_kron_split_kernel(
     # padding is 0 after every stage; make sure, so it cannot move lo/hi
     ya = tl.where(ok_a, ya, 0.0)
     yb = tl.where(ok_b, yb, 0.0)
-    flat_a = tl.reshape(ya, (1, D2P * D1A), can_reorder=True)
-    flat_b = tl.reshape(yb, (1, D2P * D1B), can_reorder=True)
+    flat_a = tl.reshape(ya, (1, RP * CA), can_reorder=True)
+    flat_b = tl.reshape(yb, (1, RP * CB), can_reorder=True)
     lo = tl.minimum(tl.minimum(tl.min(flat_a, axis=1), tl.min(flat_b, axis=1)), 0.0)
     hi = tl.maximum(tl.maximum(tl.max(flat_a, axis=1), tl.max(flat_b, axis=1)), 0.0)
     scale, zero = _scale_zero(lo, hi, QMIN, LEVELS)
@@ -479,41 +485,48 @@ def _token_kron_split_kernel(
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
     q_row = q_ptr + rows.to(tl.int64) * stride_qm
-    _store_codes_t(ya, scale, zero, q_row, ia, j, ok_a & row_ok[:, None], D2, QMIN, QMAX, PACK)
-    _store_codes_t(yb, scale, zero, q_row, ib, j, ok_b & row_ok[:, None], D2, QMIN, QMAX, PACK)
+    _store_token_codes(ya, scale, zero, q_row, col_a, ok_a & row_ok[:, None], SPLIT_J, QMIN, QMAX, PACK)
+    _store_token_codes(yb, scale, zero, q_row, col_b, ok_b & row_ok[:, None], SPLIT_J, QMIN, QMAX, PACK)
 
 
 @triton.jit
-def _p1_block(p1_ptr, r, c, D1: tl.constexpr):
-    """Rows ``r`` x columns ``c`` of P1 (zero past D1), as stored."""
-    return tl.load(p1_ptr + r[:, None] * D1 + c[None, :], mask=(r[:, None] < D1) & (c[None, :] < D1), other=0.0)
+def _factor_block(f_ptr, r, c, N: tl.constexpr):
+    """Rows ``r`` x columns ``c`` of an N x N factor (zero past N), as stored."""
+    return tl.load(f_ptr + r[:, None] * N + c[None, :], mask=(r[:, None] < N) & (c[None, :] < N), other=0.0)
 
 
 @triton.jit
-def _p1_parts(p1_ptr, p1_hi_ptr, p1_lo_ptr, r, c, D1: tl.constexpr, PRESPLIT: tl.constexpr):
-    """A block of P1 as bfloat16 (hi, lo): loaded split, or split here."""
+def _factor_parts(f_ptr, hi_ptr, lo_ptr, r, c, N: tl.constexpr, PRESPLIT: tl.constexpr):
+    """A block of a factor as bfloat16 (hi, lo): loaded split, or split here."""
     if PRESPLIT:
-        return _p1_block(p1_hi_ptr, r, c, D1), _p1_block(p1_lo_ptr, r, c, D1)
+        return _factor_block(hi_ptr, r, c, N), _factor_block(lo_ptr, r, c, N)
     else:
-        return _bf16_pair(_p1_block(p1_ptr, r, c, D1).to(tl.float32))
+        return _bf16_pair(_factor_block(f_ptr, r, c, N).to(tl.float32))
 
 
 @triton.jit
-def _store_codes_t(y, scale, zero, q_row, i, j, ok, D2: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                   PACK: tl.constexpr):
-    """The codes of one token's transposed tile ``y`` [D2P, R] (feature ``i·d2 + j`` at ``[j, i]``)
-    given its ``scale`` and ``zero`` [1] (after float stages: ``y · (1 / scale)``), stored from
-    ``q_row`` [1], packed two a byte with ``PACK``."""
+def _store_token_codes(y, scale, zero, q_row, feat, ok, PAIRS_ALONG_COLS: tl.constexpr,
+                       QMIN: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr):
+    """The codes of one token's tile ``y`` (feature ``feat`` at each place; ``ok``: a feature of
+    the token) given its ``scale`` and ``zero`` [1] (after float stages: ``y · (1 / scale)``),
+    stored from ``q_row`` [1]; with ``PACK`` two a byte, features 2b and 2b + 1 (neighbours
+    along the columns with ``PAIRS_ALONG_COLS``, else along the rows)."""
     q = tl.floor(_scaled(y, scale[:, None], False) + 0.5) + zero[:, None]
     q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
     if PACK:
         q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
-        even, odd = tl.split(tl.permute(tl.reshape(q, (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
+        if PAIRS_ALONG_COLS:
+            even, odd = tl.split(tl.reshape(q, (y.shape[0], y.shape[1] // 2, 2)))
+            f_even, _ = tl.split(tl.reshape(feat, (y.shape[0], y.shape[1] // 2, 2)))
+            ok_even, _ = tl.split(tl.reshape(ok.to(tl.int32), (y.shape[0], y.shape[1] // 2, 2)))
+        else:
+            even, odd = tl.split(tl.permute(tl.reshape(q, (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
+            f_even, _ = tl.split(tl.permute(tl.reshape(feat, (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
+            ok_even, _ = tl.split(tl.permute(tl.reshape(ok.to(tl.int32), (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
         byte = (even & 0xF) | ((odd & 0xF) << 4)
-        jb = tl.arange(0, y.shape[0] // 2)[:, None]
-        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=(tl.max(ok.to(tl.int32), axis=0)[None, :] != 0) & (2 * jb < D2))
+        tl.store(q_row + f_even // 2, byte.to(tl.uint8), mask=ok_even != 0)
     else:
-        tl.store(q_row + i * D2 + j, q.to(tl.int8), mask=ok)
+        tl.store(q_row + feat, q.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -690,7 +703,10 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # down site, 96 x 128 padded to 128 x 128) ``_token_kron_quantize_kernel`` takes one token a
 # program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 185 registers and no spills, or
 # 128 and ~300 bytes of spills under TOKEN_KRON_MAXNREG (4 and 16 warps spilled kilobytes and ran
-# 2-3x slower, before the instruction cuts of 2026-11-29). Larger ones (Dream-7B's down site,
+# 2-3x slower, before the instruction cuts of 2026-11-29). Where splitting one side into two
+# power-of-two blocks leaves a smaller tile (``token_split``: LLaDA-8B's down site, 96 = 64 + 32
+# rows; Dream-7B's, 148 = 128 + 32 columns), ``_token_kron_split_kernel`` runs instead (not yet
+# timed on a GPU; the numbers below are the kernels it replaces). Larger ones (Dream-7B's down site,
 # 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
 # ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 56 bytes of spills at
 # 8 warps (one program a multiprocessor); H200, 1024 tokens: 360 µs against 505 with the
@@ -738,6 +754,20 @@ KRON_PRECISION = "bf16x3"
 # against 2352 at 193. The same split with the D1 blocks as the products' M (32-row dots:
 # mma.sync, 2224 bytes of spills) took 4096. Not yet timed on a GPU.
 SPLIT_TOKEN_ROWS = True
+# the split tile's limit: LLaDA-8B's down site 128 x (64 + 32), Dream-7B's 128 x (128 + 32).
+# Dream-7B's, 8 warps, sm_90a SASS a token: 2568 instructions at 250 registers and no spills (one
+# program a multiprocessor, as the chunk kernel ran), against the chunk kernel's ~6400 weighted
+# by its loops (~4600 with its factors split ahead); capped at 128 registers it spilled 704
+# bytes (3320 instructions), with 16 warps 464 (2912 a thread, twice the threads).
+MAX_TOKEN_SPLIT_TILE = 20480
+TOKEN_SPLIT_WARPS = 8
+
+
+def token_split_maxnreg(tile: int) -> Optional[int]:
+    """The register cap of ``_token_kron_split_kernel`` for a tile of this many elements:
+    TOKEN_KRON_MAXNREG (two programs a multiprocessor) up to MAX_TOKEN_KRON_TILE, none above
+    (one program a multiprocessor, no spills)."""
+    return TOKEN_KRON_MAXNREG if tile <= MAX_TOKEN_KRON_TILE else None
 # the split kernel's factors split into bfloat16 hi + lo once on the host (``_bf16_split``):
 # sm_90a SASS a token 1784 instructions at 128 registers (8 bytes of spills), 90 KB of shared
 # memory (two programs a multiprocessor still), against 2328 splitting them in every program and
@@ -758,6 +788,20 @@ def token_row_blocks(d1: int) -> Optional[tuple[int, int]]:
     if not SPLIT_TOKEN_ROWS or KRON_PRECISION != "bf16x3" or first < 16 or first + second >= padded:
         return None
     return first, second
+
+
+def token_split(d1: int, d2: int) -> Optional[tuple[bool, int, int]]:
+    """``(split_j, CA, CB)`` for ``_token_kron_split_kernel``: the side of the d1 x d2 token
+    (``split_j``: the d2 columns, else the d1 rows) split into power-of-two blocks ``CA + CB``
+    (``token_row_blocks``), the one that leaves the smaller tile, if that is at most
+    MAX_TOKEN_SPLIT_TILE elements and smaller than the padded tile; else None."""
+    d1p, d2p = max(16, next_power_of_2(d1)), max(16, next_power_of_2(d2))
+    options = []
+    for split_j, side, other_p in ((False, d1, d2p), (True, d2, d1p)):
+        blocks = token_row_blocks(side)
+        if blocks is not None and other_p * sum(blocks) <= MAX_TOKEN_SPLIT_TILE:
+            options.append((other_p * sum(blocks), (split_j, *blocks)))
+    return min(options)[1] if options else None
 
 
 def _kron_tile(d1: int, d2: int) -> int:
@@ -840,6 +884,11 @@ def fused_quantize_triton(
         if spec.gate:
             state = is_masked.reshape(-1).contiguous().view(torch.uint8)
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        split = token_split(*spec.kron) if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE else None
+        if split is not None:
+            _launch_token_split(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), p1, p2, state,
+                                arg(gate_masked), arg(gate_unmasked), spec, bits, rms_eps, split)
+            return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
         if spec.kron is not None and _kron_chunked(*spec.kron):
             _launch_chunk_kron(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), arg(p1), arg(p2), state,
                                arg(gate_masked), arg(gate_unmasked), spec, bits, rms_eps)
@@ -851,13 +900,7 @@ def fused_quantize_triton(
         maxnreg = TOKEN_KRON_MAXNREG if by_token else QUANTIZE_MAXNREG
         if maxnreg and not INTERPRET:
             extra["maxnreg"] = maxnreg
-        blocks = token_row_blocks(d1) if by_token else None
-        if blocks is not None:
-            kernel, tile = _token_kron_split_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16, "D1A": blocks[0], "D1B": blocks[1]}
-            parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (p1, False), (p2, True))
-            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2t_hi_ptr", "p2t_lo_ptr"), parts or (dummy,) * 4),
-                        PRESPLIT=parts is not None)
-        elif by_token:
+        if by_token:
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
         else:
             kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
@@ -876,6 +919,32 @@ def fused_quantize_triton(
                 HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate, KRON_PRECISION=KRON_PRECISION, **tile, **extra,
             )
     return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
+
+
+def _launch_token_split(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked,
+                        spec, bits, rms_eps, split) -> None:
+    """``_token_kron_split_kernel`` over the tokens of ``x2`` [m, K], one a program; ``split``
+    from ``token_split``."""
+    m, k = x2.shape
+    d1, d2 = spec.kron
+    split_j, ca, cb = split
+    # the left factor transposed (its side unsplit), the right one as stored (its side split)
+    (lf, l_size), (rf, r_size) = ((p1, d1), (p2, d2)) if split_j else ((p2, d2), (p1, d1))
+    parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (lf, True), (rf, False))
+    extra = {} if INTERPRET else {"num_warps": TOKEN_SPLIT_WARPS, "enable_fp_fusion": False}
+    maxnreg = token_split_maxnreg(max(16, next_power_of_2(l_size)) * (ca + cb))
+    if maxnreg and not INTERPRET:
+        extra["maxnreg"] = maxnreg
+    with _device_of(x2):
+        _token_kron_split_kernel[(m,)](
+            x2, q, scale, zero, norm_weight, inv_smooth, lf, rf, state, gate_masked, gate_unmasked,
+            m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
+            *(parts or (lf,) * 4),
+            K=k, D2=d2, R=l_size, RP=max(16, next_power_of_2(l_size)), C=r_size, CA=ca, CB=cb, SPLIT_J=split_j,
+            QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
+            HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight, HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate,
+            KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, PRESPLIT=parts is not None, **extra,
+        )
 
 
 def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked,
@@ -1500,7 +1569,7 @@ def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
     kernels = (_normalised, _bf16_rounded, _bf16_parts, _bf16_pair, _bf16_dot, _bf16x3_acc, _dot_f32_split_b, _dot_f32, _quantize_store,
                _store_codes, _fused_quantize_kernel, _norm_smooth, _token_kron_quantize_kernel, _token_kron_split_kernel,
-               _p1_block, _store_codes_t, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
+               _factor_block, _factor_parts, _store_token_codes, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
                _a_planes, _k_planes, _epilogue_tile, _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes,
                _w4_weight_planes, _w4_weight_tile, _w4_activation_tile, _w4_linear_kernel_body)
     sources = {}

@@ -308,42 +308,47 @@ else:
         assert triton_fused.token_row_blocks(40) == (32, 16)
         assert triton_fused.token_row_blocks(48) == (32, 16)
         assert triton_fused.token_row_blocks(33) == (32, 16)
+        assert triton_fused.token_row_blocks(148) == (128, 32)  # Dream-7B's down site, columns
+        assert triton_fused.token_split(96, 128) == (False, 64, 32)
+        assert triton_fused.token_split(128, 148) == (True, 128, 32)
+        assert triton_fused.token_split(128, 128) is None and triton_fused.token_split(64, 64) is None
         for d1 in (6, 16, 20, 64, 128, 56):  # a power of two, too small, or no fewer rows
             assert triton_fused.token_row_blocks(d1) is None, d1
 
     @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
     @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
     def test_fused_quantize_one_token_a_program_in_row_blocks(monkeypatch, stages, bits, pack):
-        # The first factor's rows as two power-of-two blocks (LLaDA-8B's down site: 96 = 64 + 32):
-        # _token_kron_split_kernel, here at (48, 8) as 32 + 16 rows (no padding rows; 8 columns
-        # padded to 16) and at (40, 6) as 32 + 16 (the second block half padding), limit lowered
+        # One side of the token as two power-of-two blocks: _token_kron_split_kernel. The rows
+        # (LLaDA-8B's down site: 96 = 64 + 32) at (48, 8) as 32 + 16 rows (no padding rows; 8
+        # columns padded to 16) and at (40, 6) as 32 + 16 (the second block half padding); the
+        # columns (Dream-7B's: 148 = 128 + 32) at (8, 48) and (6, 40); limit lowered
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
         launched = []
         kernel = triton_fused._token_kron_split_kernel
         monkeypatch.setattr(triton_fused, "_token_kron_split_kernel",
                             type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
-        for m, kron in ((3, (48, 8)), (2, (40, 6))):
+        for m, kron in ((3, (48, 8)), (2, (40, 6)), (3, (8, 48)), (2, (6, 40))):
             k = kron[0] * kron[1]
-            gen = _gen("token-blocks", stages, bits, m)
+            gen = _gen("token-blocks", stages, bits, m, kron)
             x = _activation(m, k, torch.bfloat16, gen)
             kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
             got = fused_quantize_triton(x, bits, **kw, pack=pack)
             assert_codes_agree(got, x, bits, kw, pack)
-        assert launched == [(3,), (2,)]
+        assert launched == [(3,), (2,), (3,), (2,)]
 
     def test_fused_quantize_row_blocks_exact_with_exact_transforms(monkeypatch):
         # The row-block kernel with signed permutations (every product by ±1 or 0, one nonzero
         # term a sum, across the blocks too; bfloat16 inputs split exactly): bit for bit the
         # reference's codes, scales and zeros
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
-        m, kron = 4, (40, 6)
-        k = kron[0] * kron[1]
-        gen = _gen("blocks-exact")
-        x = _activation(m, k, torch.bfloat16, gen)
-        kw = _stage_args(("gate",), m, k, None, gen, torch.bfloat16)
-        kw["p1"], kw["p2"] = _signed_permutation(kron[0], gen), _signed_permutation(kron[1], gen)
-        for bits in (4, 8):
-            assert_codes_agree(fused_quantize_triton(x, bits, **kw), x, bits, kw, exact=True)
+        for m, kron in ((4, (40, 6)), (3, (6, 40))):  # rows split, columns split
+            k = kron[0] * kron[1]
+            gen = _gen("blocks-exact", kron)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(("gate",), m, k, None, gen, torch.bfloat16)
+            kw["p1"], kw["p2"] = _signed_permutation(kron[0], gen), _signed_permutation(kron[1], gen)
+            for bits in (4, 8):
+                assert_codes_agree(fused_quantize_triton(x, bits, **kw), x, bits, kw, exact=True)
 
     @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
     @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
@@ -354,6 +359,7 @@ else:
         # tokens and 2 programs (3 and 2 tokens each), and (12, 32) in two full chunks over 1 token.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)  # no split tile: the chunks
         monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
         monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
         launched = []
@@ -375,6 +381,7 @@ else:
         # (1 / scale as in test_fused_quantize_exact_with_exact_transforms).
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)  # no split tile: the chunks
         monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
         monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
         m, kron = 7, (6, 40)
@@ -393,6 +400,7 @@ else:
         # stages in PyTorch, then the kernel.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)
         monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 8)
         m, k, kron = 5, 48, (6, 8)
         gen = _gen("fallback", stages)

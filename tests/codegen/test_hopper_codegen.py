@@ -106,24 +106,28 @@ def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split):
     spec = FusedQuantizeSpec(12288, 4, kron=(96, 128), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
-    assert ("tile=1x(64+32)x128" if split else "tile=1x128x128") in r.name
+    assert ("tile=1x128x(64+32)" if split else "tile=1x128x128") in r.name
     assert r.uses_wgmma and (not split or r.mma == ["HGMMA"])  # no mma.sync for the 32-row block
     assert r.registers <= 128 and 2 * r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED  # two programs an SM
     assert r.spill_bytes <= (128 if split else 512)
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
-@pytest.mark.parametrize("presplit", [True, False], ids=["presplit", "split-in-kernel"])
-def test_fused_quantize_second_factor_in_chunks_on_tensor_cores(monkeypatch, presplit):
-    # Dream-7B's MLP down site: 128 x 148, too large for one token's tile (P2 alone 256 KB):
-    # _chunk_kron_quantize_kernel, 64 columns of the second factor at a time. With the factors
-    # split on the host: 199 registers, no spills, 96 KB of shared memory; split in the kernel:
-    # 255 registers and 56 bytes of spills, 64 KB (8 warps; one program a multiprocessor).
-    monkeypatch.setattr(triton_fused, "CHUNK_KRON_PRESPLIT", presplit)
+@pytest.mark.parametrize("kernel", ["column-blocks", "chunks-presplit", "chunks"])
+def test_dream_down_site_on_tensor_cores(monkeypatch, kernel):
+    # Dream-7B's MLP down site: 128 x 148, its 148 columns as 128 + 32 in one token's tile
+    # (_token_kron_split_kernel: 250 registers and no spills at 8 warps, one program a
+    # multiprocessor), or, too large for the padded 128 x 256 tile (P2 alone 256 KB), 64 columns
+    # of the second factor at a time (_chunk_kron_quantize_kernel; with its factors split on the
+    # host: 199 registers, no spills, 96 KB of shared memory; split in the kernel: 255 and 56
+    # bytes of spills, 64 KB)
+    if kernel != "column-blocks":
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)
+    monkeypatch.setattr(triton_fused, "CHUNK_KRON_PRESPLIT", kernel != "chunks")
     spec = FusedQuantizeSpec(18944, 4, kron=(128, 148), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
-    assert "chunks=128x64x3" in r.name
-    assert r.uses_wgmma
-    assert r.spill_bytes <= (0 if presplit else 64)
+    assert ("tile=1x128x(128+32)" if kernel == "column-blocks" else "chunks=128x64x3") in r.name
+    assert r.uses_wgmma and r.mma == ["HGMMA"]
+    assert r.spill_bytes <= (64 if kernel == "chunks" else 0)
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
