@@ -13,7 +13,8 @@ with a variant that could replace it.
   ``row blocks uncapped``: without the register cap;
 * Dream-7B's down site: ``chunks`` (``_chunk_kron_quantize_kernel``, what production ran before
   ``_token_kron_split_kernel`` took the 148 columns as 128 + 32), with and without its factors
-  split ahead (``CHUNK_KRON_PRESPLIT``), and the column blocks splitting the factors in the kernel;
+  split ahead (``CHUNK_KRON_PRESPLIT``), and the column blocks splitting the factors in the kernel
+  or with 16 warps (128 registers, ~470 bytes of spills, against 8 warps' 250 and none);
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -85,7 +86,8 @@ def variants(site, extra=False):
     if site == "dream down":  # the 148 columns as 128 + 32 (production) against the chunk kernel
         out += [("chunks", {"MAX_TOKEN_SPLIT_TILE": 0}),
                 ("chunks, factors split in the kernel", {"MAX_TOKEN_SPLIT_TILE": 0, "CHUNK_KRON_PRESPLIT": False}),
-                ("column blocks, factors split in the kernel", {"TOKEN_KRON_PRESPLIT": False})]
+                ("column blocks, factors split in the kernel", {"TOKEN_KRON_PRESPLIT": False}),
+                ("column blocks, 16 warps", {"TOKEN_SPLIT_WARPS": 16})]
     return out
 
 
