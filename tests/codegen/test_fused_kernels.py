@@ -280,6 +280,14 @@ else:
         want = ops.quantize_per_token_reference(x, 4, is_masked, ones, ones)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
+    def _launch_grids(monkeypatch, kernel_name):
+        """The grids ``triton_fused.<kernel_name>`` is launched with from now on (a list that fills)."""
+        launched = []
+        kernel = getattr(triton_fused, kernel_name)
+        monkeypatch.setattr(triton_fused, kernel_name,
+                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        return launched
+
     TOKEN_STAGE_SETS = [("kron",), ("kron", "gate"), ("norm", "kron", "gate"), ("norm_w", "smooth", "kron", "gate"),
                         ("tac", "kron", "gate")]
 
@@ -289,10 +297,7 @@ else:
         # Factors above MAX_FUSED_KRON_TILE (LLaDA-8B's down site on the GPU): _token_kron_quantize_kernel,
         # here at (6, 8) padded to 16 x 16 with the limit lowered, and at (20, 24) padded to 32 x 32.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
-        launched = []
-        kernel = triton_fused._token_kron_quantize_kernel
-        monkeypatch.setattr(triton_fused, "_token_kron_quantize_kernel",
-                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        launched = _launch_grids(monkeypatch, "_token_kron_quantize_kernel")
         for m, kron in ((5, (6, 8)), (3, (20, 24))):
             k = kron[0] * kron[1]
             gen = _gen("token", stages, bits, m)
@@ -323,10 +328,7 @@ else:
         # columns padded to 16) and at (40, 6) as 32 + 16 (the second block half padding); the
         # columns (Dream-7B's: 148 = 128 + 32) at (8, 48) and (6, 40); limit lowered
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
-        launched = []
-        kernel = triton_fused._token_kron_split_kernel
-        monkeypatch.setattr(triton_fused, "_token_kron_split_kernel",
-                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
         for m, kron in ((3, (48, 8)), (2, (40, 6)), (3, (8, 48)), (2, (6, 40))):
             k = kron[0] * kron[1]
             gen = _gen("token-blocks", stages, bits, m, kron)
@@ -362,10 +364,7 @@ else:
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)  # no split tile: the chunks
         monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
         monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
-        launched = []
-        kernel = triton_fused._chunk_kron_quantize_kernel
-        monkeypatch.setattr(triton_fused, "_chunk_kron_quantize_kernel",
-                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        launched = _launch_grids(monkeypatch, "_chunk_kron_quantize_kernel")
         for m, kron in ((5, (6, 40)), (1, (12, 32))):
             k = kron[0] * kron[1]
             gen = _gen("chunks", stages, bits, m)
