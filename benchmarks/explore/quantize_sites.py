@@ -7,14 +7,13 @@ with a variant that could replace it.
 * ``tf32``: the Kronecker dots in one TF32 pass: how many codes move;
 * ``maxnreg=N`` (``--registers``): registers capped at N a thread (ptxas), so that more programs fit a
   multiprocessor;
-* ``padded rows`` (LLaDA-8B's down site): ``_token_kron_quantize_kernel`` with the 96 rows padded to
-  128, what production ran before ``_token_kron_split_kernel`` (64 + 32 rows);
-  ``row blocks, factors split in the kernel``: without ``TOKEN_KRON_PRESPLIT``;
-  ``row blocks uncapped``: without the register cap;
-* Dream-7B's down site: ``chunks`` (``_chunk_kron_quantize_kernel``, what production ran before
-  ``_token_kron_split_kernel`` took the 148 columns as 128 + 32), with and without its factors
-  split ahead (``CHUNK_KRON_PRESPLIT``), and the column blocks splitting the factors in the kernel
-  or with 16 warps (128 registers, ~470 bytes of spills, against 8 warps' 250 and none);
+* ``factors split in the kernel``: without the bfloat16 splits of the Kronecker factors made once
+  on the host (``FUSED_KRON_PRESPLIT``, ``TOKEN_KRON_PRESPLIT``, ``CHUNK_KRON_PRESPLIT``): what
+  production ran before 2026-11-29 (session 10);
+* LLaDA-8B's down site: ``uncapped``, without the register cap (the split factors' shared memory
+  leaves one program a multiprocessor either way);
+* ``_token_kron_split_kernel`` (one side as 64 + 32 or 128 + 32 blocks) is not probed: on the H200
+  it computed wrong codes or faulted, which ends the process (``triton_fused.SPLIT_TOKEN_ROWS``);
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -79,15 +78,11 @@ def variants(site, extra=False):
         out += [(f"maxnreg={n}", {"QUANTIZE_MAXNREG": n}) for n in (128, 80, 64)]
     elif "llada" in site:
         out += [(f"maxnreg={n}", {"TOKEN_KRON_MAXNREG": n}) for n in (128, 112)]
-    if site == "llada down":  # the 96 rows as 64 + 32 (production) against padded to 128
-        out += [("padded rows", {"SPLIT_TOKEN_ROWS": False}),
-                ("row blocks, factors split in the kernel", {"TOKEN_KRON_PRESPLIT": False}),
-                ("row blocks uncapped", {"TOKEN_KRON_MAXNREG": None})]
-    if site == "dream down":  # the 148 columns as 128 + 32 (production) against the chunk kernel
-        out += [("chunks", {"MAX_TOKEN_SPLIT_TILE": 0}),
-                ("chunks, factors split in the kernel", {"MAX_TOKEN_SPLIT_TILE": 0, "CHUNK_KRON_PRESPLIT": False}),
-                ("column blocks, factors split in the kernel", {"TOKEN_KRON_PRESPLIT": False}),
-                ("column blocks, 16 warps", {"TOKEN_SPLIT_WARPS": 16})]
+    if not extra:
+        key = {"llada down": "TOKEN_KRON_PRESPLIT", "dream down": "CHUNK_KRON_PRESPLIT"}.get(site, "FUSED_KRON_PRESPLIT")
+        out.append(("factors split in the kernel", {key: False}))
+    if site == "llada down":
+        out.append(("uncapped", {"TOKEN_KRON_MAXNREG": None}))
     return out
 
 

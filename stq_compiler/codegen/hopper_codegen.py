@@ -247,7 +247,9 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
     }
     if by_token:
         kernel, warps, tile = triton_fused._token_kron_quantize_kernel, triton_fused.TOKEN_KRON_WARPS, f"1x{d1p}x{d2p}"
-        constexprs["X_IS_BF16"] = x_dtype == "bf16"
+        presplit = triton_fused.TOKEN_KRON_PRESPLIT and triton_fused.KRON_PRECISION == "bf16x3"
+        constexprs.update({"X_IS_BF16": x_dtype == "bf16", "PRESPLIT": presplit})
+        args.update({p: "*bf16" if presplit else "*fp32" for p in ("p1t_hi_ptr", "p1t_lo_ptr", "p2_hi_ptr", "p2_lo_ptr")})
         maxnreg = triton_fused.TOKEN_KRON_MAXNREG
     else:
         kernel, warps = triton_fused._fused_quantize_kernel, triton_fused._quantize_warps(block_m * d1p * d2p)

@@ -11,8 +11,9 @@ kernel. Float work:
   [g, g] float32 dot per block of g channels, float32 out), and this kernel takes its output;
 * Kronecker: ``X P2`` as one dot on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)`` as a
   dot on the transposed view (``_token_kron_quantize_kernel``: one token a program, two plain 2-D
-  dots; ``_token_kron_split_kernel``, LLaDA-8B's MLP down site, 96 x 128: the same with the 96
-  rows as 64 + 32 instead of padded to 128, computed transposed, ``P2ᵀ Xᵀ P1``). Each dot is ``_dot_f32`` with
+  dots; ``_token_kron_split_kernel``, off by default (``SPLIT_TOKEN_ROWS``, a Triton bug on
+  Hopper): the same with one side as two power-of-two blocks, 96 rows as 64 + 32 instead of
+  padded to 128, computed transposed, ``P2ᵀ Xᵀ P1``). Each dot is ``_dot_f32`` with
   ``KRON_PRECISION = "bf16x3"``: both float32 operands split into bfloat16 hi + lo, three
   bfloat16 tensor-core products, float32 accumulation, about 1e-5 relative (plain TF32 would
   cost ~1e-3 and move 0.15 % of the codes; tf32x3, 1e-6, was 10-35 % slower; ``"ieee"`` lowers
@@ -351,11 +352,13 @@ def _token_kron_quantize_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
     KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+    p1t_hi_ptr, p1t_lo_ptr, p2_hi_ptr, p2_lo_ptr, PRESPLIT: tl.constexpr,
 ):
     """``_fused_quantize_kernel`` for one token a program, with a Kronecker stage whose padded
     tile is too large for that kernel's [BLOCK_M, D1P, D2P] layout (the MLP down sites: 96 x 128
     at LLaDA-8B). The token is a [D1P, D2P] tile and ``Y = P1ᵀ (X P2)`` two plain 2-D dots, with
-    no transposes; the factors are re-read by every program (from L2)."""
+    no transposes; the factors are re-read by every program (from L2). ``PRESPLIT`` (bf16x3):
+    P1ᵀ and P2 arrive as their bfloat16 hi and lo parts (``_bf16_split``)."""
     t = tl.program_id(0)
     i = tl.arange(0, D1P)[:, None]
     j = tl.arange(0, D2P)[None, :]
@@ -369,12 +372,28 @@ def _token_kron_quantize_kernel(
     x = _norm_smooth(x, rstd, col, col_ok, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
     # padding rows/columns of the factors are zero
     r2 = tl.arange(0, D2P)
-    p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
+    p2_at, p2_ok = r2[:, None] * D2 + r2[None, :], (r2[:, None] < D2) & (r2[None, :] < D2)
     r1 = tl.arange(0, D1P)
-    p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
+    p1_ok = (r1[:, None] < D1) & (r1[None, :] < D1)
     # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down site)
-    xp2 = _dot_f32(x, p2.to(tl.float32), KRON_PRECISION, X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH))
-    x = _dot_f32(p1t.to(tl.float32), xp2, KRON_PRECISION)
+    X_EXACT: tl.constexpr = X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH)
+    if PRESPLIT:
+        p2_hi = tl.load(p2_hi_ptr + p2_at, mask=p2_ok, other=0.0)
+        p2_lo = tl.load(p2_lo_ptr + p2_at, mask=p2_ok, other=0.0)
+        if X_EXACT:
+            xp2 = _bf16x3_acc(x, x, p2_hi, p2_lo, tl.zeros([D1P, D2P], dtype=tl.float32), True)
+        else:
+            xp2 = _dot_f32_split_b(x, p2_hi, p2_lo)
+        p1t_at = r1[:, None] * D1 + r1[None, :]  # the transpose, stored contiguous
+        xp2_hi, xp2_lo = _bf16_pair(xp2)
+        x = _bf16x3_acc(tl.load(p1t_hi_ptr + p1t_at, mask=p1_ok, other=0.0),
+                        tl.load(p1t_lo_ptr + p1t_at, mask=p1_ok, other=0.0),
+                        xp2_hi, xp2_lo, tl.zeros([D1P, D2P], dtype=tl.float32), False)
+    else:
+        p2 = tl.load(p2_ptr + p2_at, mask=p2_ok, other=0.0)
+        p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=p1_ok, other=0.0)
+        xp2 = _dot_f32(x, p2.to(tl.float32), KRON_PRECISION, X_EXACT)
+        x = _dot_f32(p1t.to(tl.float32), xp2, KRON_PRECISION)
     if HAS_GATE:
         masked = tl.load(is_masked_ptr + t) != 0
         g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
@@ -599,9 +618,14 @@ def _chunk_kron_quantize_kernel(
                                        HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
                 krow = kc * CH + r[:, None]
                 p2_ok = (krow < D2) & (jcol < D2)
+                # bf16x3 accumulates into acc the same way whether the factor comes split or is
+                # split here: the same bits either way
                 if PRESPLIT:
                     p2_hi = tl.load(p2_hi_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
                     p2_lo = tl.load(p2_lo_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
+                elif KRON_PRECISION == "bf16x3":
+                    p2_hi, p2_lo = _bf16_pair(tl.load(p2_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0).to(tl.float32))
+                if PRESPLIT or KRON_PRECISION == "bf16x3":
                     if a_is_bf16:
                         acc = _bf16x3_acc(xk, xk, p2_hi, p2_lo, acc, True)
                     else:
@@ -705,14 +729,15 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # 128 and ~300 bytes of spills under TOKEN_KRON_MAXNREG (4 and 16 warps spilled kilobytes and ran
 # 2-3x slower, before the instruction cuts of 2026-11-29). Where splitting one side into two
 # power-of-two blocks leaves a smaller tile (``token_split``: LLaDA-8B's down site, 96 = 64 + 32
-# rows; Dream-7B's, 148 = 128 + 32 columns), ``_token_kron_split_kernel`` runs instead (not yet
-# timed on a GPU; the numbers below are the kernels it replaces). Larger ones (Dream-7B's down site,
+# rows; Dream-7B's, 148 = 128 + 32 columns), ``_token_kron_split_kernel`` can run instead (off:
+# SPLIT_TOKEN_ROWS). Larger ones (Dream-7B's down site,
 # 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
 # ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 56 bytes of spills at
 # 8 warps (one program a multiprocessor); H200, 1024 tokens: 360 µs against 505 with the
 # Kronecker in PyTorch (259 since the instruction cuts); at LLaDA-8B's 96 x 128 it took 224 µs
 # against the token kernel's 163 (benchmarks/explore/down_site.py). 32-column chunks (no spills)
-# took 387.
+# took 387. Both now read their factors split on the host (TOKEN_KRON_PRESPLIT, CHUNK_KRON_PRESPLIT):
+# H200, 1024 tokens, LLaDA-8B's down site 81 µs, Dream-7B's 216 (the chunk kernel).
 MAX_FUSED_KRON_TILE = 8192
 MAX_TOKEN_KRON_TILE = 16384
 TOKEN_KRON_WARPS = 8
@@ -723,7 +748,12 @@ TOKEN_KRON_WARPS = 8
 # stores kept, 96 against 95 at 1024 tokens (not measured at 4096). 112 spills 836 bytes: 117-121
 # / 468. The speed rows were measured with the cap. The 64 x 64 sites gain nothing at 1024 tokens
 # from 128 or 80 (at 80, 61 against 67 µs at 4096; o 38 against 37 at 1024), lose at 64.
-TOKEN_KRON_MAXNREG = 128
+# With the factors split on the host (TOKEN_KRON_PRESPLIT) the kernel reads them from 128 KB of
+# shared memory, one program a multiprocessor whatever the registers: uncapped (188 registers, no
+# spills, 2064 sm_90a instructions a token against 2288 at 128) it ran LLaDA-8B's down site in 81
+# µs at 1024 tokens, against 93 capped and 95 splitting the factors in the kernel (capped, two
+# programs a multiprocessor; benchmarks/results/explore-quantize-sites-presplit-h200.json).
+TOKEN_KRON_MAXNREG = None
 QUANTIZE_MAXNREG = None
 # Above MAX_TOKEN_KRON_TILE, ``_chunk_kron_quantize_kernel`` takes the second factor KRON_CHUNK
 # columns at a time when the first one's padded P1ᵀ fits a program (D1P <= MAX_CHUNK_KRON_D1),
@@ -737,7 +767,7 @@ CHUNK_KRON_PROGRAMS = 1
 # instead of in every program for every chunk: Dream-7B's down site, sm_90a SASS weighted by its
 # loops' trip counts, about 4600 instructions a token against 6400; 199 registers and no spills
 # against 255 and 56 bytes, 96 KB of shared memory against 64 (one program a multiprocessor
-# either way). Not yet timed on a GPU.
+# either way); H200, 1024 tokens: 216 µs against 258.
 CHUNK_KRON_PRESPLIT = True
 
 # _dot_f32's precision for the Kronecker stage (float32 operands; see there). H200, 1024 tokens,
@@ -752,8 +782,13 @@ KRON_PRECISION = "bf16x3"
 # token (hopper_codegen.quantize_variant, compiled here): 2328 instructions at 128 registers
 # (48 bytes of spills) against the padded kernel's 2736 (272); uncapped 2160 at 142 registers
 # against 2352 at 193. The same split with the D1 blocks as the products' M (32-row dots:
-# mma.sync, 2224 bytes of spills) took 4096. Not yet timed on a GPU.
-SPLIT_TOKEN_ROWS = True
+# mma.sync, 2224 bytes of spills) took 4096.
+# Off: on the H200 (Triton 3.6) the kernel computed wrong codes or faulted ("illegal memory
+# access") at both down sites, correct at 48 x 64 and in the interpreter: Triton's known Hopper bug
+# with several tl.dot in one kernel and a dot dimension of 16 or 32 (triton-lang/triton#10486,
+# #11366; helion works around it with dot blocks of 64 and up). The 32-wide block is where the
+# gain is (64 + 64 is LLaDA-8B's padding), so the padded and chunk kernels run instead.
+SPLIT_TOKEN_ROWS = False
 # the split tile's limit: LLaDA-8B's down site 128 x (64 + 32), Dream-7B's 128 x (128 + 32).
 # Dream-7B's, 8 warps, sm_90a SASS a token: 2568 instructions at 250 registers and no spills (one
 # program a multiprocessor, as the chunk kernel ran), against the chunk kernel's ~6400 weighted
@@ -761,17 +796,18 @@ SPLIT_TOKEN_ROWS = True
 # bytes (3320 instructions), with 16 warps 464 (2912 a thread, twice the threads).
 MAX_TOKEN_SPLIT_TILE = 20480
 TOKEN_SPLIT_WARPS = 8
+TOKEN_SPLIT_MAXNREG = 128
 
 
 def token_split_maxnreg(tile: int) -> Optional[int]:
     """The register cap of ``_token_kron_split_kernel`` for a tile of this many elements:
-    TOKEN_KRON_MAXNREG (two programs a multiprocessor) up to MAX_TOKEN_KRON_TILE, none above
+    TOKEN_SPLIT_MAXNREG (two programs a multiprocessor) up to MAX_TOKEN_KRON_TILE, none above
     (one program a multiprocessor, no spills)."""
-    return TOKEN_KRON_MAXNREG if tile <= MAX_TOKEN_KRON_TILE else None
-# the split kernel's factors split into bfloat16 hi + lo once on the host (``_bf16_split``):
-# sm_90a SASS a token 1784 instructions at 128 registers (8 bytes of spills), 90 KB of shared
-# memory (two programs a multiprocessor still), against 2328 splitting them in every program and
-# the padded kernel's 2736. Not yet timed on a GPU.
+    return TOKEN_SPLIT_MAXNREG if tile <= MAX_TOKEN_KRON_TILE else None
+# the one-token kernels' factors split into bfloat16 hi + lo once on the host (``_bf16_split``).
+# The split kernel, sm_90a SASS a token: 1784 instructions at 128 registers (8 bytes of spills),
+# 90 KB of shared memory (two programs a multiprocessor still), against 2328 splitting them in
+# every program and the padded kernel's 2736.
 TOKEN_KRON_PRESPLIT = True
 # the same for ``_fused_quantize_kernel`` (the 64 x 64 sites, two tokens a program: splitting the
 # factors in every program cost as much as splitting the tokens)
@@ -890,7 +926,7 @@ def fused_quantize_triton(
                                 arg(gate_masked), arg(gate_unmasked), spec, bits, rms_eps, split)
             return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
         if spec.kron is not None and _kron_chunked(*spec.kron):
-            _launch_chunk_kron(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), arg(p1), arg(p2), state,
+            _launch_chunk_kron(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), p1, p2, state,
                                arg(gate_masked), arg(gate_unmasked), spec, bits, rms_eps)
             return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
         d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
@@ -902,6 +938,9 @@ def fused_quantize_triton(
             extra["maxnreg"] = maxnreg
         if by_token:
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
+            parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (p1, True), (p2, False))
+            tile.update(zip(("p1t_hi_ptr", "p1t_lo_ptr", "p2_hi_ptr", "p2_lo_ptr"), parts or (dummy,) * 4),
+                        PRESPLIT=parts is not None)
         else:
             kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
             parts = _presplit_parts(FUSED_KRON_PRESPLIT and spec.kron is not None, (p1, False), (p2, False))
@@ -930,6 +969,7 @@ def _launch_token_split(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, sta
     split_j, ca, cb = split
     # the left factor transposed (its side unsplit), the right one as stored (its side split)
     (lf, l_size), (rf, r_size) = ((p1, d1), (p2, d2)) if split_j else ((p2, d2), (p1, d1))
+    lf, rf = lf.contiguous(), rf.contiguous()  # read as stored without their splits
     parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (lf, True), (rf, False))
     extra = {} if INTERPRET else {"num_warps": TOKEN_SPLIT_WARPS, "enable_fp_fusion": False}
     maxnreg = token_split_maxnreg(max(16, next_power_of_2(l_size)) * (ca + cb))
@@ -960,7 +1000,8 @@ def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, stat
         programs = min(m, CHUNK_KRON_PROGRAMS * _multiprocessors(x2.device.index))
         extra = {"num_warps": CHUNK_KRON_WARPS, "enable_fp_fusion": False}
     scratch = torch.empty((programs, k), dtype=torch.float32, device=x2.device)
-    parts = _presplit_parts(CHUNK_KRON_PRESPLIT, (p1, True), (p2, False))
+    parts = _presplit_parts(CHUNK_KRON_PRESPLIT, (p1, True), (p2, False))  # kept per factor as given
+    p1, p2 = p1.contiguous(), p2.contiguous()
     presplit = parts is not None
     parts = parts or (p1,) * 4
     with _device_of(x2):

@@ -307,8 +307,41 @@ else:
             assert_codes_agree(got, x, bits, kw, pack)
         assert launched == [(5,), (3,)]
 
-    def test_token_row_blocks():
-        # two power-of-two blocks of >= 16 rows where they are fewer than the padded rows
+    @pytest.mark.parametrize("kernel", ["fused", "token", "chunks"])
+    def test_factors_split_ahead_or_in_the_kernel_give_the_same_bits(monkeypatch, kernel):
+        # The bfloat16 hi + lo of the factors made on the host (_bf16_split) hold the values the
+        # kernels' own split makes, and enter the same products in the same order: bit for bit
+        # the same codes, scales and zeros, for each Kronecker kernel, with and without a norm
+        # (a bfloat16 input with no float stage has a zero lo part, X_IS_BF16)
+        flag, kron = {"fused": ("FUSED_KRON_PRESPLIT", (4, 8)), "token": ("TOKEN_KRON_PRESPLIT", (20, 24)),
+                      "chunks": ("CHUNK_KRON_PRESPLIT", (6, 40))}[kernel]
+        if kernel == "chunks":
+            monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
+            monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+            monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
+            monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
+        elif kernel == "token":
+            monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        for stages in (("kron", "gate"), ("norm", "kron", "gate")):
+            m, k = 5, kron[0] * kron[1]
+            gen = _gen("presplit", kernel, stages)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
+            got = {}
+            for presplit in (True, False):
+                monkeypatch.setattr(triton_fused, flag, presplit)
+                triton_fused.PRESPLIT_LAUNCHES.clear()
+                got[presplit] = fused_quantize_triton(x, 4, **kw)
+                # CPU factors are split by the launcher when wanted
+                assert triton_fused.PRESPLIT_LAUNCHES == ({"presplit": 1} if presplit else {})
+            assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+            assert_codes_agree(got[True], x, 4, kw, True)
+
+    def test_token_row_blocks(monkeypatch):
+        # off by default (SPLIT_TOKEN_ROWS: a Triton bug on Hopper); on, two power-of-two blocks of
+        # >= 16 rows where they are fewer than the padded rows
+        assert triton_fused.token_split(96, 128) is None and triton_fused.token_split(128, 148) is None
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
         assert triton_fused.token_row_blocks(96) == (64, 32)  # LLaDA-8B's down site
         assert triton_fused.token_row_blocks(40) == (32, 16)
         assert triton_fused.token_row_blocks(48) == (32, 16)
@@ -327,6 +360,7 @@ else:
         # (LLaDA-8B's down site: 96 = 64 + 32) at (48, 8) as 32 + 16 rows (no padding rows; 8
         # columns padded to 16) and at (40, 6) as 32 + 16 (the second block half padding); the
         # columns (Dream-7B's: 148 = 128 + 32) at (8, 48) and (6, 40); limit lowered
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
         launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
         for m, kron in ((3, (48, 8)), (2, (40, 6)), (3, (8, 48)), (2, (6, 40))):
@@ -342,7 +376,9 @@ else:
         # The row-block kernel with signed permutations (every product by ±1 or 0, one nonzero
         # term a sum, across the blocks too; bfloat16 inputs split exactly): bit for bit the
         # reference's codes, scales and zeros
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
         for m, kron in ((4, (40, 6)), (3, (6, 40))):  # rows split, columns split
             k = kron[0] * kron[1]
             gen = _gen("blocks-exact", kron)
@@ -351,6 +387,7 @@ else:
             kw["p1"], kw["p2"] = _signed_permutation(kron[0], gen), _signed_permutation(kron[1], gen)
             for bits in (4, 8):
                 assert_codes_agree(fused_quantize_triton(x, bits, **kw), x, bits, kw, exact=True)
+        assert len(launched) == 4
 
     @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
     @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
