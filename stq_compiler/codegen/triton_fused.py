@@ -258,6 +258,20 @@ def _store_codes(x, scale, zero, q_row, i, j, ok, i_ok, D2: tl.constexpr,
 
 
 @triton.jit
+def _times_factor(a, f_ptr, hi_ptr, lo_ptr, N: tl.constexpr, NP: tl.constexpr, PRESPLIT: tl.constexpr,
+                  KRON_PRECISION: tl.constexpr):
+    """``a`` [rows, NP] times an N x N Kronecker factor as stored (zero past N): its bfloat16 hi
+    and lo read from ``hi_ptr`` / ``lo_ptr`` (``PRESPLIT``), or the factor read and split here."""
+    r = tl.arange(0, NP)
+    at = r[:, None] * N + r[None, :]
+    ok = (r[:, None] < N) & (r[None, :] < N)
+    if PRESPLIT:
+        return _dot_f32_split_b(a, tl.load(hi_ptr + at, mask=ok, other=0.0), tl.load(lo_ptr + at, mask=ok, other=0.0))
+    else:
+        return _dot_f32(a, tl.load(f_ptr + at, mask=ok, other=0.0).to(tl.float32), KRON_PRECISION)
+
+
+@triton.jit
 def _fused_quantize_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr,
     norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
@@ -297,25 +311,11 @@ def _fused_quantize_kernel(
     if HAS_KRON:
         # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
         # PRESPLIT (bf16x3): the factors come as their bfloat16 hi and lo parts (``_bf16_split``)
-        r2 = tl.arange(0, D2P)
-        p2_at = r2[:, None] * D2 + r2[None, :]
-        p2_ok = (r2[:, None] < D2) & (r2[None, :] < D2)
         x2d = tl.reshape(x, (BLOCK_M * D1P, D2P))
-        if PRESPLIT:
-            xp2 = _dot_f32_split_b(x2d, tl.load(p2_hi_ptr + p2_at, mask=p2_ok, other=0.0),
-                                   tl.load(p2_lo_ptr + p2_at, mask=p2_ok, other=0.0))
-        else:
-            xp2 = _dot_f32(x2d, tl.load(p2_ptr + p2_at, mask=p2_ok, other=0.0).to(tl.float32), KRON_PRECISION)
+        xp2 = _times_factor(x2d, p2_ptr, p2_hi_ptr, p2_lo_ptr, D2, D2P, PRESPLIT, KRON_PRECISION)
         xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
-        r1 = tl.arange(0, D1P)
-        p1_at = r1[:, None] * D1 + r1[None, :]
-        p1_ok = (r1[:, None] < D1) & (r1[None, :] < D1)
         xp2_2d = tl.reshape(xp2_t, (BLOCK_M * D2P, D1P))
-        if PRESPLIT:
-            y_t = _dot_f32_split_b(xp2_2d, tl.load(p1_hi_ptr + p1_at, mask=p1_ok, other=0.0),
-                                   tl.load(p1_lo_ptr + p1_at, mask=p1_ok, other=0.0))
-        else:
-            y_t = _dot_f32(xp2_2d, tl.load(p1_ptr + p1_at, mask=p1_ok, other=0.0).to(tl.float32), KRON_PRECISION)
+        y_t = _times_factor(xp2_2d, p1_ptr, p1_hi_ptr, p1_lo_ptr, D1, D1P, PRESPLIT, KRON_PRECISION)
         x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
 
     if HAS_GATE:
