@@ -7,6 +7,13 @@ with a variant that could replace it.
 * ``tf32``: the Kronecker dots in one TF32 pass: how many codes move;
 * ``maxnreg=N`` (``--registers``): registers capped at N a thread (ptxas), so that more programs fit a
   multiprocessor;
+* ``factors split in the kernel``: without the bfloat16 splits of the Kronecker factors made once
+  on the host (``FUSED_KRON_PRESPLIT``, ``TOKEN_KRON_PRESPLIT``, ``CHUNK_KRON_PRESPLIT``): what
+  production ran before 2026-11-29 (session 10);
+* LLaDA-8B's down site: ``uncapped``, without the register cap (the split factors' shared memory
+  leaves one program a multiprocessor either way);
+* ``_token_kron_split_kernel`` (one side as 64 + 32 or 128 + 32 blocks) is not probed: on the H200
+  it computed wrong codes or faulted, which ends the process (``triton_fused.SPLIT_TOKEN_ROWS``);
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -71,6 +78,11 @@ def variants(site, extra=False):
         out += [(f"maxnreg={n}", {"QUANTIZE_MAXNREG": n}) for n in (128, 80, 64)]
     elif "llada" in site:
         out += [(f"maxnreg={n}", {"TOKEN_KRON_MAXNREG": n}) for n in (128, 112)]
+    if not extra:
+        key = {"llada down": "TOKEN_KRON_PRESPLIT", "dream down": "CHUNK_KRON_PRESPLIT"}.get(site, "FUSED_KRON_PRESPLIT")
+        out.append(("factors split in the kernel", {key: False}))
+    if site == "llada down":
+        out.append(("uncapped", {"TOKEN_KRON_MAXNREG": None}))
     return out
 
 
@@ -89,6 +101,7 @@ def main():
                 kw["rms_eps"] = 1e-5
             if stage == "tac":
                 kw.update(tac_m=tac_m, tac_d=tac_d)
+            triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])  # as the fusion pass does
             cpu_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
             want = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu_kw, pack=False)
             for name, patch in variants(site, args.registers):
@@ -100,7 +113,9 @@ def main():
                 except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
                     print(f"M={m} {site:11s} {name:22s} FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue
-                rows.append({"m": m, "k": k, "site": site, "variant": name, "ok": ok, "us": us, **numbers})
+                rows.append({"m": m, "k": k, "site": site, "variant": name, "ok": ok, "us": us, **numbers,
+                             "launches": dict(triton_fused.PRESPLIT_LAUNCHES)})
+                triton_fused.PRESPLIT_LAUNCHES.clear()
                 print(f"M={m} {site:11s} {name:22s} {'ok ' if ok else 'BAD'} identical={numbers['codes_identical']:.6f} "
                       f"maxdiff={numbers['max_code_diff']} {us:8.1f} us", flush=True)
                 Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

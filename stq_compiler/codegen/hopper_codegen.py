@@ -218,14 +218,19 @@ def gemm_variant(config, a_packed: bool, b_packed: bool, swiglu: bool, m=4096, n
 
 def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16") -> KernelResources:
     """The activation kernel ``fused_quantize_triton`` launches for one ``FusedQuantizeSpec``:
-    ``_fused_quantize_kernel``, ``_token_kron_quantize_kernel`` for a Kronecker tile above
-    ``MAX_FUSED_KRON_TILE``, or ``_chunk_kron_quantize_kernel`` above ``MAX_TOKEN_KRON_TILE`` (TAC
-    runs before it, see ``tac_variant``; its input is then float32)."""
+    ``_fused_quantize_kernel``; for a Kronecker tile above ``MAX_FUSED_KRON_TILE``
+    ``_token_kron_split_kernel`` where ``token_split`` splits a side, else
+    ``_token_kron_quantize_kernel``, or ``_chunk_kron_quantize_kernel`` above
+    ``MAX_TOKEN_KRON_TILE`` (TAC runs before it, see ``tac_variant``; its input is then float32)."""
     from stq_compiler.codegen import triton_fused
 
     if spec.tac_group:
         raise ValueError("TAC runs as its own kernel (tac_variant); give the spec without it")
     k, bits = spec.features, spec.bits
+    if spec.kron is not None and triton_fused._kron_tile(*spec.kron) > triton_fused.MAX_FUSED_KRON_TILE:
+        split = triton_fused.token_split(*spec.kron)
+        if split is not None:
+            return token_split_variant(spec, split, m, name, x_dtype)
     if spec.kron is not None and triton_fused._kron_chunked(*spec.kron):
         return chunk_kron_variant(spec, m, name, x_dtype)
     d1, d2, d1p, d2p, block_m = triton_fused._quantize_tile(spec, m)
@@ -242,16 +247,48 @@ def quantize_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16")
     }
     if by_token:
         kernel, warps, tile = triton_fused._token_kron_quantize_kernel, triton_fused.TOKEN_KRON_WARPS, f"1x{d1p}x{d2p}"
-        constexprs["X_IS_BF16"] = x_dtype == "bf16"
+        presplit = triton_fused.TOKEN_KRON_PRESPLIT and triton_fused.KRON_PRECISION == "bf16x3"
+        constexprs.update({"X_IS_BF16": x_dtype == "bf16", "PRESPLIT": presplit})
+        args.update({p: "*bf16" if presplit else "*fp32" for p in ("p1t_hi_ptr", "p1t_lo_ptr", "p2_hi_ptr", "p2_lo_ptr")})
         maxnreg = triton_fused.TOKEN_KRON_MAXNREG
     else:
         kernel, warps = triton_fused._fused_quantize_kernel, triton_fused._quantize_warps(block_m * d1p * d2p)
-        constexprs.update({"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m})
+        presplit = triton_fused.FUSED_KRON_PRESPLIT and spec.kron is not None and triton_fused.KRON_PRECISION == "bf16x3"
+        constexprs.update({"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m, "PRESPLIT": presplit})
+        args.update({p: "*bf16" if presplit else "*fp32" for p in ("p1_hi_ptr", "p1_lo_ptr", "p2_hi_ptr", "p2_lo_ptr")})
         tile = f"{block_m}x{d1p}x{d2p}"
         maxnreg = triton_fused.QUANTIZE_MAXNREG
     compiled = compile_sm90(kernel, args, constexprs, warps, 1, maxnreg)
     label = name or " ".join(spec.stages)
     return resources(compiled, f"quantize {label} K={k} tile={tile} w{warps}")
+
+
+def token_split_variant(spec, split, m: int = 4096, name: str = "", x_dtype: str = "bf16") -> KernelResources:
+    """``_token_kron_split_kernel`` for one ``FusedQuantizeSpec`` and its ``token_split``."""
+    from stq_compiler.codegen import triton_fused
+
+    k, bits = spec.features, spec.bits
+    d1, d2 = spec.kron
+    split_j, ca, cb = split
+    r_size, c_size = (d1, d2) if split_j else (d2, d1)
+    rp = max(16, triton.next_power_of_2(r_size))
+    presplit = triton_fused.TOKEN_KRON_PRESPLIT
+    ptrs = ("norm_w_ptr", "inv_smooth_ptr", "lf_ptr", "rf_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr")
+    args = {p: "*fp32" for p in ptrs}
+    args.update({p: "*bf16" if presplit else "*fp32" for p in ("lt_hi_ptr", "lt_lo_ptr", "rf_hi_ptr", "rf_lo_ptr")})
+    args.update({"x_ptr": f"*{x_dtype}", "q_ptr": "*u8" if spec.packed else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
+                 "M": m, "stride_xm": k, "stride_qm": (k + 1) // 2 if spec.packed else k, "eps": 1e-5})
+    constexprs = {
+        "K": k, "D2": d2, "R": r_size, "RP": rp, "C": c_size, "CA": ca, "CB": cb, "SPLIT_J": split_j,
+        "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": spec.packed,
+        "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight, "HAS_SMOOTH": spec.smooth, "HAS_GATE": spec.gate,
+        "KRON_PRECISION": triton_fused.KRON_PRECISION, "X_IS_BF16": x_dtype == "bf16", "PRESPLIT": presplit,
+    }
+    warps = triton_fused.TOKEN_SPLIT_WARPS
+    compiled = compile_sm90(triton_fused._token_kron_split_kernel, args, constexprs, warps, 1,
+                            triton_fused.token_split_maxnreg(rp * (ca + cb)))
+    label = name or " ".join(spec.stages)
+    return resources(compiled, f"quantize {label} K={k} tile=1x{rp}x({ca}+{cb}) w{warps}")
 
 
 def chunk_kron_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16") -> KernelResources:
@@ -263,9 +300,12 @@ def chunk_kron_variant(spec, m: int = 4096, name: str = "", x_dtype: str = "bf16
     d1p, ch = max(16, triton.next_power_of_2(d1)), triton_fused.KRON_CHUNK
     ptrs = ("norm_w_ptr", "inv_smooth_ptr", "p1_ptr", "p2_ptr", "gate_m_ptr", "gate_u_ptr", "scale_ptr", "y_ptr")
     args = {p: "*fp32" for p in ptrs}
+    presplit = triton_fused.CHUNK_KRON_PRESPLIT and triton_fused.KRON_PRECISION == "bf16x3"
+    args.update({p: "*bf16" if presplit else "*fp32" for p in ("p1t_hi_ptr", "p1t_lo_ptr", "p2_hi_ptr", "p2_lo_ptr")})
     args.update({"x_ptr": f"*{x_dtype}", "q_ptr": "*u8" if spec.packed else "*i8", "zero_ptr": "*i32", "is_masked_ptr": "*u8",
                  "M": m, "stride_xm": k, "stride_qm": (k + 1) // 2 if spec.packed else k, "eps": 1e-5})
     constexprs = {
+        "PRESPLIT": presplit,
         "K": k, "D1": d1, "D2": d2, "D1P": d1p, "CH": ch, "NCH": triton.cdiv(d2, ch),
         "QMIN": -(1 << (bits - 1)), "QMAX": (1 << (bits - 1)) - 1, "LEVELS": float((1 << bits) - 1), "PACK": spec.packed,
         "HAS_NORM": spec.rms_norm, "HAS_NORM_WEIGHT": spec.norm_weight, "HAS_SMOOTH": spec.smooth, "HAS_GATE": spec.gate,

@@ -11,7 +11,9 @@ kernel. Float work:
   [g, g] float32 dot per block of g channels, float32 out), and this kernel takes its output;
 * Kronecker: ``X P2`` as one dot on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)`` as a
   dot on the transposed view (``_token_kron_quantize_kernel``: one token a program, two plain 2-D
-  dots, for LLaDA-8B's MLP down site, 96 x 128). Each dot is ``_dot_f32`` with
+  dots; ``_token_kron_split_kernel``, off by default (``SPLIT_TOKEN_ROWS``, a Triton bug on
+  Hopper): the same with one side as two power-of-two blocks, 96 rows as 64 + 32 instead of
+  padded to 128, computed transposed, ``P2ᵀ Xᵀ P1``). Each dot is ``_dot_f32`` with
   ``KRON_PRECISION = "bf16x3"``: both float32 operands split into bfloat16 hi + lo, three
   bfloat16 tensor-core products, float32 accumulation, about 1e-5 relative (plain TF32 would
   cost ~1e-3 and move 0.15 % of the codes; tf32x3, 1e-6, was 10-35 % slower; ``"ieee"`` lowers
@@ -62,12 +64,15 @@ configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib
 import inspect
 import os
 import textwrap
+import weakref
+from typing import Optional
 
 import torch
 import triton
@@ -127,9 +132,45 @@ def _bf16_dot(a, b, acc, EMULATE: tl.constexpr):
     accumulation. ``EMULATE`` (the interpreter, whose bfloat16 dot is broken in Triton 3.7): the
     same exact products in a float32 dot."""
     if EMULATE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _bf16_parts(x):
+    """float32 -> (hi, lo), both bfloat16 values held as float32: ``hi + lo`` is ``x`` to 16
+    significant bits (relative residual 2^-18)."""
+    hi = _bf16_rounded(x)
+    return hi, _bf16_rounded(x - hi)
+
+
+@triton.jit
+def _bf16_pair(x):
+    """float32 -> (hi, lo) as ``_bf16_parts``, held as bfloat16 tensors (the dots' operand type:
+    converted once, half the registers); float32 in the interpreter (see ``_bf16_dot``)."""
+    hi, lo = _bf16_parts(x)
+    if INTERPRETING:
+        return hi, lo
+    else:
+        return hi.to(tl.bfloat16), lo.to(tl.bfloat16)
+
+
+@triton.jit
+def _bf16x3_acc(a_hi, a_lo, b_hi, b_lo, acc, A_IS_BF16: tl.constexpr):
+    """``acc + (a_hi + a_lo) @ (b_hi + b_lo)`` in three bfloat16 products, the small terms first
+    (``_dot_f32``'s bf16x3 on operands already split; ``A_IS_BF16``: ``a_lo`` is zero, skipped)."""
+    if not A_IS_BF16:
+        acc = _bf16_dot(a_lo, b_hi, acc, INTERPRETING)
+    acc = _bf16_dot(a_hi, b_lo, acc, INTERPRETING)
+    return _bf16_dot(a_hi, b_hi, acc, INTERPRETING)
+
+
+@triton.jit
+def _dot_f32_split_b(a, b_hi, b_lo):
+    """``_dot_f32``'s bf16x3 ``a @ b`` with ``b`` given as its bfloat16 parts."""
+    a_hi, a_lo = _bf16_parts(a)
+    return _bf16x3_acc(a_hi, a_lo, b_hi, b_lo, tl.zeros([a.shape[0], b_hi.shape[1]], dtype=tl.float32), False)
 
 
 @triton.jit
@@ -142,16 +183,12 @@ def _dot_f32(a, b, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr = False):
     tensor-core work of 1.5 TF32 products instead of 3 (two with ``A_IS_BF16``: ``a`` holds
     bfloat16 values, so its lo part is zero). ``"ieee"``: exact float32 (FMAs)."""
     if PRECISION == "bf16x3":
-        b_hi = _bf16_rounded(b)
-        b_lo = _bf16_rounded(b - b_hi)
+        b_hi, b_lo = _bf16_parts(b)
         acc = tl.zeros([a.shape[0], b.shape[1]], dtype=tl.float32)
         if A_IS_BF16:
-            a_hi = a
-        else:
-            a_hi = _bf16_rounded(a)
-            acc = _bf16_dot(_bf16_rounded(a - a_hi), b_hi, acc, INTERPRETING)
-        acc = _bf16_dot(a_hi, b_lo, acc, INTERPRETING)
-        return _bf16_dot(a_hi, b_hi, acc, INTERPRETING)
+            return _bf16x3_acc(a, a, b_hi, b_lo, acc, True)
+        a_hi, a_lo = _bf16_parts(a)
+        return _bf16x3_acc(a_hi, a_lo, b_hi, b_lo, acc, False)
     elif PRECISION == "bf16":
         # one bfloat16 product: about 2^-9 relative, not the reference's float32 (probes only)
         a_hi = a if A_IS_BF16 else _bf16_rounded(a)
@@ -197,18 +234,41 @@ def _quantize_store(x, rows, row_ok, i, j, ok, q_ptr, scale_ptr, zero_ptr, strid
     scale, zero = _scale_zero(tl.minimum(tl.min(flat, axis=1), 0.0), tl.maximum(tl.max(flat, axis=1), 0.0), QMIN, LEVELS)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
+    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
+    _store_codes(x, scale, zero, q_row, i, j, ok, row_ok[:, None, None] & (i < D1), D2, QMIN, QMAX, PACK, EXACT_DIV)
+
+
+@triton.jit
+def _store_codes(x, scale, zero, q_row, i, j, ok, i_ok, D2: tl.constexpr,
+                 QMIN: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr, EXACT_DIV: tl.constexpr):
+    """The codes of the float32 tile ``x`` [BLOCK_M, R, D2P] (feature ``i·d2 + j`` at
+    ``[:, i, j]``; ``ok``: inside the tensor; ``i_ok``: the token and row are) given its tokens'
+    ``scale`` and ``zero`` [BLOCK_M], stored from ``q_row`` (each token's first code), packed two
+    a byte with ``PACK``."""
     q = tl.floor(_scaled(x, scale[:, None, None], EXACT_DIV) + 0.5) + zero[:, None, None]
     q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
-    q_row = q_ptr + rows.to(tl.int64)[:, None, None] * stride_qm
     if PACK:
         q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
-        even, odd = tl.split(tl.reshape(q, (BLOCK_M, D1P, D2P // 2, 2)))
+        even, odd = tl.split(tl.reshape(q, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
         byte = (even & 0xF) | ((odd & 0xF) << 4)
-        jb = tl.arange(0, D2P // 2)[None, None, :]
-        byte_ok = row_ok[:, None, None] & (i < D1) & (2 * jb < D2)
-        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=byte_ok)
+        jb = tl.arange(0, x.shape[2] // 2)[None, None, :]
+        tl.store(q_row + i * (D2 // 2) + jb, byte.to(tl.uint8), mask=i_ok & (2 * jb < D2))
     else:
         tl.store(q_row + i * D2 + j, q.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _times_factor(a, f_ptr, hi_ptr, lo_ptr, N: tl.constexpr, NP: tl.constexpr, PRESPLIT: tl.constexpr,
+                  KRON_PRECISION: tl.constexpr):
+    """``a`` [rows, NP] times an N x N Kronecker factor as stored (zero past N): its bfloat16 hi
+    and lo read from ``hi_ptr`` / ``lo_ptr`` (``PRESPLIT``), or the factor read and split here."""
+    r = tl.arange(0, NP)
+    at = r[:, None] * N + r[None, :]
+    ok = (r[:, None] < N) & (r[None, :] < N)
+    if PRESPLIT:
+        return _dot_f32_split_b(a, tl.load(hi_ptr + at, mask=ok, other=0.0), tl.load(lo_ptr + at, mask=ok, other=0.0))
+    else:
+        return _dot_f32(a, tl.load(f_ptr + at, mask=ok, other=0.0).to(tl.float32), KRON_PRECISION)
 
 
 @triton.jit
@@ -222,6 +282,7 @@ def _fused_quantize_kernel(
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_KRON: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, KRON_PRECISION: tl.constexpr,
+    p1_hi_ptr, p1_lo_ptr, p2_hi_ptr, p2_lo_ptr, PRESPLIT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -249,13 +310,12 @@ def _fused_quantize_kernel(
 
     if HAS_KRON:
         # per token Y = P1ᵀ X P2 with X the [D1, D2] view; padding rows/columns of P are zero
-        r2 = tl.arange(0, D2P)
-        p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
-        xp2 = _dot_f32(tl.reshape(x, (BLOCK_M * D1P, D2P)), p2.to(tl.float32), KRON_PRECISION)
+        # PRESPLIT (bf16x3): the factors come as their bfloat16 hi and lo parts (``_bf16_split``)
+        x2d = tl.reshape(x, (BLOCK_M * D1P, D2P))
+        xp2 = _times_factor(x2d, p2_ptr, p2_hi_ptr, p2_lo_ptr, D2, D2P, PRESPLIT, KRON_PRECISION)
         xp2_t = tl.permute(tl.reshape(xp2, (BLOCK_M, D1P, D2P)), (0, 2, 1))  # [BLOCK_M, D2P, D1P]
-        r1 = tl.arange(0, D1P)
-        p1 = tl.load(p1_ptr + r1[:, None] * D1 + r1[None, :], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
-        y_t = _dot_f32(tl.reshape(xp2_t, (BLOCK_M * D2P, D1P)), p1.to(tl.float32), KRON_PRECISION)
+        xp2_2d = tl.reshape(xp2_t, (BLOCK_M * D2P, D1P))
+        y_t = _times_factor(xp2_2d, p1_ptr, p1_hi_ptr, p1_lo_ptr, D1, D1P, PRESPLIT, KRON_PRECISION)
         x = tl.permute(tl.reshape(y_t, (BLOCK_M, D2P, D1P)), (0, 2, 1))
 
     if HAS_GATE:
@@ -292,11 +352,13 @@ def _token_kron_quantize_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
     KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+    p1t_hi_ptr, p1t_lo_ptr, p2_hi_ptr, p2_lo_ptr, PRESPLIT: tl.constexpr,
 ):
     """``_fused_quantize_kernel`` for one token a program, with a Kronecker stage whose padded
     tile is too large for that kernel's [BLOCK_M, D1P, D2P] layout (the MLP down sites: 96 x 128
     at LLaDA-8B). The token is a [D1P, D2P] tile and ``Y = P1ᵀ (X P2)`` two plain 2-D dots, with
-    no transposes; the factors are re-read by every program (from L2)."""
+    no transposes; the factors are re-read by every program (from L2). ``PRESPLIT`` (bf16x3):
+    P1ᵀ and P2 arrive as their bfloat16 hi and lo parts (``_bf16_split``)."""
     t = tl.program_id(0)
     i = tl.arange(0, D1P)[:, None]
     j = tl.arange(0, D2P)[None, :]
@@ -310,12 +372,28 @@ def _token_kron_quantize_kernel(
     x = _norm_smooth(x, rstd, col, col_ok, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
     # padding rows/columns of the factors are zero
     r2 = tl.arange(0, D2P)
-    p2 = tl.load(p2_ptr + r2[:, None] * D2 + r2[None, :], mask=(r2[:, None] < D2) & (r2[None, :] < D2), other=0.0)
+    p2_at, p2_ok = r2[:, None] * D2 + r2[None, :], (r2[:, None] < D2) & (r2[None, :] < D2)
     r1 = tl.arange(0, D1P)
-    p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=(r1[:, None] < D1) & (r1[None, :] < D1), other=0.0)
+    p1_ok = (r1[:, None] < D1) & (r1[None, :] < D1)
     # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down site)
-    xp2 = _dot_f32(x, p2.to(tl.float32), KRON_PRECISION, X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH))
-    x = _dot_f32(p1t.to(tl.float32), xp2, KRON_PRECISION)
+    X_EXACT: tl.constexpr = X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH)
+    if PRESPLIT:
+        p2_hi = tl.load(p2_hi_ptr + p2_at, mask=p2_ok, other=0.0)
+        p2_lo = tl.load(p2_lo_ptr + p2_at, mask=p2_ok, other=0.0)
+        if X_EXACT:
+            xp2 = _bf16x3_acc(x, x, p2_hi, p2_lo, tl.zeros([D1P, D2P], dtype=tl.float32), True)
+        else:
+            xp2 = _dot_f32_split_b(x, p2_hi, p2_lo)
+        p1t_at = r1[:, None] * D1 + r1[None, :]  # the transpose, stored contiguous
+        xp2_hi, xp2_lo = _bf16_pair(xp2)
+        x = _bf16x3_acc(tl.load(p1t_hi_ptr + p1t_at, mask=p1_ok, other=0.0),
+                        tl.load(p1t_lo_ptr + p1t_at, mask=p1_ok, other=0.0),
+                        xp2_hi, xp2_lo, tl.zeros([D1P, D2P], dtype=tl.float32), False)
+    else:
+        p2 = tl.load(p2_ptr + p2_at, mask=p2_ok, other=0.0)
+        p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=p1_ok, other=0.0)
+        xp2 = _dot_f32(x, p2.to(tl.float32), KRON_PRECISION, X_EXACT)
+        x = _dot_f32(p1t.to(tl.float32), xp2, KRON_PRECISION)
     if HAS_GATE:
         masked = tl.load(is_masked_ptr + t) != 0
         g_m = tl.load(gate_m_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
@@ -325,6 +403,149 @@ def _token_kron_quantize_kernel(
     row_ok = rows < M
     _quantize_store(x[None, :, :], rows, row_ok, i[None, :, :], j[None, :, :], row_ok[:, None, None] & col_ok[None, :, :],
                     q_ptr, scale_ptr, zero_ptr, stride_qm, D1, D2, D1P, D2P, QMIN, QMAX, LEVELS, PACK, 1, False)
+
+
+@triton.jit
+def _token_kron_split_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    norm_w_ptr, inv_smooth_ptr, lf_ptr, rf_ptr,
+    is_masked_ptr, gate_m_ptr, gate_u_ptr,
+    M, stride_xm, stride_qm, eps,
+    lt_hi_ptr, lt_lo_ptr, rf_hi_ptr, rf_lo_ptr,
+    K: tl.constexpr, D2: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr,
+    CA: tl.constexpr, CB: tl.constexpr, SPLIT_J: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
+    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
+):
+    """One token a program, ``Y = P1ᵀ X P2`` with one factor's side split into two power-of-two
+    blocks ``CA + CB`` instead of padded (LLaDA-8B's down site, d1 x d2 = 96 x 128: the 96 rows as
+    64 + 32 instead of 128; Dream-7B's, 128 x 148: the 148 columns as 128 + 32 instead of 256).
+    The tile is [RP, CA] + [RP, CB]: the unsplit side along its rows, so that every product has a
+    full warpgroup's M. In those terms the transform is ``L · T · Rf``, T the token's matrix with
+    the unsplit side first, ``L`` the left factor's transpose, ``Rf`` the right factor:
+    ``SPLIT_J`` (columns split): T = X, L = P1ᵀ, Rf = P2, feature ``r·d2 + c``; otherwise (rows
+    split) T = Xᵀ, L = P2ᵀ, Rf = P1, feature ``c·d2 + r``. With ``Rf = [[A, B], [C, D]]`` in the
+    split blocks, ``W = L T`` by column blocks, ``Ya = Wa A + Wb C``, ``Yb = Wa B + Wb D``;
+    every product bf16x3, each operand split once (``PRESPLIT``: the factors arrive split,
+    ``_bf16_split``; ``lf_ptr`` / ``rf_ptr``: the factors as stored, read otherwise). The min and
+    max run over both blocks, then each is quantized and stored. (``KRON_PRECISION`` must be
+    bf16x3.)"""
+    tl.static_assert(KRON_PRECISION == "bf16x3")
+    tl.static_assert(CA + CB >= C)
+    t = tl.program_id(0)
+    r = tl.arange(0, RP)[:, None]  # the unsplit side along the tiles' rows
+    ca = tl.arange(0, CA)[None, :]
+    cb = CA + tl.arange(0, CB)[None, :]
+    if SPLIT_J:
+        col_a, col_b = r * D2 + ca, r * D2 + cb
+    else:
+        col_a, col_b = ca * D2 + r, cb * D2 + r
+    ok_a, ok_b = (ca < C) & (r < R), (cb < C) & (r < R)
+    x_row = x_ptr + t.to(tl.int64) * stride_xm
+    xa = tl.load(x_row + col_a, mask=ok_a, other=0.0).to(tl.float32)
+    xb = tl.load(x_row + col_b, mask=ok_b, other=0.0).to(tl.float32)
+    rstd = 1.0
+    if HAS_NORM:
+        ss = tl.sum(tl.sum(xa * xa, axis=1), axis=0) + tl.sum(tl.sum(xb * xb, axis=1), axis=0)
+        rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
+    xa = _norm_smooth(xa, rstd, col_a, ok_a, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
+    xb = _norm_smooth(xb, rstd, col_b, ok_b, norm_w_ptr, inv_smooth_ptr, HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
+    rr = tl.arange(0, RP)
+    l_ok = (rr[:, None] < R) & (rr[None, :] < R)
+    if PRESPLIT:
+        l_hi = tl.load(lt_hi_ptr + rr[:, None] * R + rr[None, :], mask=l_ok, other=0.0)
+        l_lo = tl.load(lt_lo_ptr + rr[:, None] * R + rr[None, :], mask=l_ok, other=0.0)
+    else:  # Lᵀ as stored: L[r, r'] = lf[r', r]
+        l_hi, l_lo = _bf16_pair(tl.load(lf_ptr + rr[None, :] * R + rr[:, None], mask=l_ok, other=0.0).to(tl.float32))
+    # X_IS_BF16: a bfloat16 input with no float stage before the Kronecker (the down sites): its
+    # lo part is zero, so two products (L's lo and hi against T)
+    X_EXACT: tl.constexpr = X_IS_BF16 and not (HAS_NORM or HAS_SMOOTH)
+    if X_EXACT:
+        if not INTERPRETING:  # bfloat16 values: converted exactly
+            xa, xb = xa.to(tl.bfloat16), xb.to(tl.bfloat16)
+        wa = _bf16_dot(l_lo, xa, tl.zeros([RP, CA], dtype=tl.float32), INTERPRETING)
+        wa = _bf16_dot(l_hi, xa, wa, INTERPRETING)
+        wb = _bf16_dot(l_lo, xb, tl.zeros([RP, CB], dtype=tl.float32), INTERPRETING)
+        wb = _bf16_dot(l_hi, xb, wb, INTERPRETING)
+    else:
+        xa_hi, xa_lo = _bf16_pair(xa)
+        xb_hi, xb_lo = _bf16_pair(xb)
+        wa = _bf16x3_acc(l_hi, l_lo, xa_hi, xa_lo, tl.zeros([RP, CA], dtype=tl.float32), False)
+        wb = _bf16x3_acc(l_hi, l_lo, xb_hi, xb_lo, tl.zeros([RP, CB], dtype=tl.float32), False)
+    wa_hi, wa_lo = _bf16_pair(wa)
+    wb_hi, wb_lo = _bf16_pair(wb)
+    ia = tl.arange(0, CA)
+    ib = CA + tl.arange(0, CB)
+    a_hi, a_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ia, ia, C, PRESPLIT)
+    c_hi, c_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ib, ia, C, PRESPLIT)
+    ya = _bf16x3_acc(wb_hi, wb_lo, c_hi, c_lo, tl.zeros([RP, CA], dtype=tl.float32), False)
+    ya = _bf16x3_acc(wa_hi, wa_lo, a_hi, a_lo, ya, False)
+    b_hi, b_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ia, ib, C, PRESPLIT)
+    d_hi, d_lo = _factor_parts(rf_ptr, rf_hi_ptr, rf_lo_ptr, ib, ib, C, PRESPLIT)
+    yb = _bf16x3_acc(wb_hi, wb_lo, d_hi, d_lo, tl.zeros([RP, CB], dtype=tl.float32), False)
+    yb = _bf16x3_acc(wa_hi, wa_lo, b_hi, b_lo, yb, False)
+    if HAS_GATE:
+        masked = tl.load(is_masked_ptr + t) != 0
+        ya = ya * tl.where(masked, tl.load(gate_m_ptr + col_a, mask=ok_a, other=0.0).to(tl.float32),
+                           tl.load(gate_u_ptr + col_a, mask=ok_a, other=0.0).to(tl.float32))
+        yb = yb * tl.where(masked, tl.load(gate_m_ptr + col_b, mask=ok_b, other=0.0).to(tl.float32),
+                           tl.load(gate_u_ptr + col_b, mask=ok_b, other=0.0).to(tl.float32))
+    # padding is 0 after every stage; make sure, so it cannot move lo/hi
+    ya = tl.where(ok_a, ya, 0.0)
+    yb = tl.where(ok_b, yb, 0.0)
+    flat_a = tl.reshape(ya, (1, RP * CA), can_reorder=True)
+    flat_b = tl.reshape(yb, (1, RP * CB), can_reorder=True)
+    lo = tl.minimum(tl.minimum(tl.min(flat_a, axis=1), tl.min(flat_b, axis=1)), 0.0)
+    hi = tl.maximum(tl.maximum(tl.max(flat_a, axis=1), tl.max(flat_b, axis=1)), 0.0)
+    scale, zero = _scale_zero(lo, hi, QMIN, LEVELS)
+    rows = t + tl.arange(0, 1)
+    row_ok = rows < M
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=row_ok)
+    q_row = q_ptr + rows.to(tl.int64) * stride_qm
+    _store_token_codes(ya, scale, zero, q_row, col_a, ok_a & row_ok[:, None], SPLIT_J, QMIN, QMAX, PACK)
+    _store_token_codes(yb, scale, zero, q_row, col_b, ok_b & row_ok[:, None], SPLIT_J, QMIN, QMAX, PACK)
+
+
+@triton.jit
+def _factor_block(f_ptr, r, c, N: tl.constexpr):
+    """Rows ``r`` x columns ``c`` of an N x N factor (zero past N), as stored."""
+    return tl.load(f_ptr + r[:, None] * N + c[None, :], mask=(r[:, None] < N) & (c[None, :] < N), other=0.0)
+
+
+@triton.jit
+def _factor_parts(f_ptr, hi_ptr, lo_ptr, r, c, N: tl.constexpr, PRESPLIT: tl.constexpr):
+    """A block of a factor as bfloat16 (hi, lo): loaded split, or split here."""
+    if PRESPLIT:
+        return _factor_block(hi_ptr, r, c, N), _factor_block(lo_ptr, r, c, N)
+    else:
+        return _bf16_pair(_factor_block(f_ptr, r, c, N).to(tl.float32))
+
+
+@triton.jit
+def _store_token_codes(y, scale, zero, q_row, feat, ok, PAIRS_ALONG_COLS: tl.constexpr,
+                       QMIN: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr):
+    """The codes of one token's tile ``y`` (feature ``feat`` at each place; ``ok``: a feature of
+    the token) given its ``scale`` and ``zero`` [1] (after float stages: ``y · (1 / scale)``),
+    stored from ``q_row`` [1]; with ``PACK`` two a byte, features 2b and 2b + 1 (neighbours
+    along the columns with ``PAIRS_ALONG_COLS``, else along the rows)."""
+    q = tl.floor(_scaled(y, scale[:, None], False) + 0.5) + zero[:, None]
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
+    if PACK:
+        q = tl.where(ok, q, 0)  # an odd K's padding nibble is a zero code
+        if PAIRS_ALONG_COLS:
+            even, odd = tl.split(tl.reshape(q, (y.shape[0], y.shape[1] // 2, 2)))
+            f_even, _ = tl.split(tl.reshape(feat, (y.shape[0], y.shape[1] // 2, 2)))
+            ok_even, _ = tl.split(tl.reshape(ok.to(tl.int32), (y.shape[0], y.shape[1] // 2, 2)))
+        else:
+            even, odd = tl.split(tl.permute(tl.reshape(q, (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
+            f_even, _ = tl.split(tl.permute(tl.reshape(feat, (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
+            ok_even, _ = tl.split(tl.permute(tl.reshape(ok.to(tl.int32), (y.shape[0] // 2, 2, y.shape[1])), (0, 2, 1)))
+        byte = (even & 0xF) | ((odd & 0xF) << 4)
+        tl.store(q_row + f_even // 2, byte.to(tl.uint8), mask=ok_even != 0)
+    else:
+        tl.store(q_row + feat, q.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -345,11 +566,12 @@ def _chunk_kron_quantize_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr,
     norm_w_ptr, inv_smooth_ptr, p1_ptr, p2_ptr,
     is_masked_ptr, gate_m_ptr, gate_u_ptr, y_ptr,
+    p1t_hi_ptr, p1t_lo_ptr, p2_hi_ptr, p2_lo_ptr,
     M, stride_xm, stride_qm, eps,
     K: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D1P: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, PACK: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_GATE: tl.constexpr,
-    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+    KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
 ):
     """``_token_kron_quantize_kernel`` for a second factor too large for one tile (Dream-7B's MLP
     down site, 128 x 148: padded to 128 x 256, P2 alone would need 256 KB of shared memory).
@@ -359,7 +581,12 @@ def _chunk_kron_quantize_kernel(
     [D1P, CH] x [CH, CH] dots, then ``P1ᵀ`` times it. The gated chunks go to the program's own
     float32 row of ``y_ptr`` (``programs x K``: 10 MB on an H200 at Dream-7B, it stays in L2) while the
     token's min and max accumulate; after a barrier the row is read back and quantized. The
-    factors' padding is zero, so the padded columns of Y are too."""
+    factors' padding is zero, so the padded columns of Y are too.
+
+    ``PRESPLIT`` (bf16x3): the factors come as their bfloat16 hi and lo parts (P1ᵀ's and P2's,
+    ``_bf16_split``, made once on the host), so no program re-splits them: the split of P1ᵀ
+    for every column chunk and of P2 for every (chunk, chunk) pair of every token took about a
+    third of the kernel's instructions (sm_90a SASS)."""
     pid = tl.program_id(0)
     y_row = y_ptr + pid.to(tl.int64) * K
     i = tl.arange(0, D1P)[:, None]
@@ -390,10 +617,31 @@ def _chunk_kron_quantize_kernel(
                 xk = _chunk_token_rows(x_t, norm_w_ptr, inv_smooth_ptr, rstd, kc, i, c, D1, D2, CH,
                                        HAS_NORM, HAS_NORM_WEIGHT, HAS_SMOOTH)
                 krow = kc * CH + r[:, None]
-                p2 = tl.load(p2_ptr + krow * D2 + jcol, mask=(krow < D2) & (jcol < D2), other=0.0)
-                acc += _dot_f32(xk, p2.to(tl.float32), KRON_PRECISION, a_is_bf16)
-            p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=p1t_ok, other=0.0)
-            y = _dot_f32(p1t.to(tl.float32), acc, KRON_PRECISION)
+                p2_ok = (krow < D2) & (jcol < D2)
+                # bf16x3 accumulates into acc the same way whether the factor comes split or is
+                # split here: the same bits either way
+                if PRESPLIT:
+                    p2_hi = tl.load(p2_hi_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
+                    p2_lo = tl.load(p2_lo_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
+                elif KRON_PRECISION == "bf16x3":
+                    p2_hi, p2_lo = _bf16_pair(tl.load(p2_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0).to(tl.float32))
+                if PRESPLIT or KRON_PRECISION == "bf16x3":
+                    if a_is_bf16:
+                        acc = _bf16x3_acc(xk, xk, p2_hi, p2_lo, acc, True)
+                    else:
+                        xk_hi, xk_lo = _bf16_parts(xk)
+                        acc = _bf16x3_acc(xk_hi, xk_lo, p2_hi, p2_lo, acc, False)
+                else:
+                    p2 = tl.load(p2_ptr + krow * D2 + jcol, mask=p2_ok, other=0.0)
+                    acc += _dot_f32(xk, p2.to(tl.float32), KRON_PRECISION, a_is_bf16)
+            if PRESPLIT:
+                p1t_hi = tl.load(p1t_hi_ptr + r1[:, None] * D1 + r1[None, :], mask=p1t_ok, other=0.0)
+                p1t_lo = tl.load(p1t_lo_ptr + r1[:, None] * D1 + r1[None, :], mask=p1t_ok, other=0.0)
+                acc_hi, acc_lo = _bf16_parts(acc)
+                y = _bf16x3_acc(p1t_hi, p1t_lo, acc_hi, acc_lo, tl.zeros([D1P, CH], dtype=tl.float32), False)
+            else:
+                p1t = tl.load(p1_ptr + r1[None, :] * D1 + r1[:, None], mask=p1t_ok, other=0.0)
+                y = _dot_f32(p1t.to(tl.float32), acc, KRON_PRECISION)
             ok = (i < D1) & (jcol < D2)
             if HAS_GATE:
                 g_m = tl.load(gate_m_ptr + i * D2 + jcol, mask=ok, other=0.0).to(tl.float32)
@@ -479,13 +727,17 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # down site, 96 x 128 padded to 128 x 128) ``_token_kron_quantize_kernel`` takes one token a
 # program: on sm_90a, bf16x3, 8 warps: 96 KB of shared memory, 185 registers and no spills, or
 # 128 and ~300 bytes of spills under TOKEN_KRON_MAXNREG (4 and 16 warps spilled kilobytes and ran
-# 2-3x slower, before the instruction cuts of 2026-11-29). Larger ones (Dream-7B's down site,
+# 2-3x slower, before the instruction cuts of 2026-11-29). Where splitting one side into two
+# power-of-two blocks leaves a smaller tile (``token_split``: LLaDA-8B's down site, 96 = 64 + 32
+# rows; Dream-7B's, 148 = 128 + 32 columns), ``_token_kron_split_kernel`` can run instead (off:
+# SPLIT_TOKEN_ROWS). Larger ones (Dream-7B's down site,
 # 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
 # ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 56 bytes of spills at
 # 8 warps (one program a multiprocessor); H200, 1024 tokens: 360 µs against 505 with the
 # Kronecker in PyTorch (259 since the instruction cuts); at LLaDA-8B's 96 x 128 it took 224 µs
 # against the token kernel's 163 (benchmarks/explore/down_site.py). 32-column chunks (no spills)
-# took 387.
+# took 387. Both now read their factors split on the host (TOKEN_KRON_PRESPLIT, CHUNK_KRON_PRESPLIT):
+# H200, 1024 tokens, LLaDA-8B's down site 81 µs, Dream-7B's 216 (the chunk kernel).
 MAX_FUSED_KRON_TILE = 8192
 MAX_TOKEN_KRON_TILE = 16384
 TOKEN_KRON_WARPS = 8
@@ -496,7 +748,12 @@ TOKEN_KRON_WARPS = 8
 # stores kept, 96 against 95 at 1024 tokens (not measured at 4096). 112 spills 836 bytes: 117-121
 # / 468. The speed rows were measured with the cap. The 64 x 64 sites gain nothing at 1024 tokens
 # from 128 or 80 (at 80, 61 against 67 µs at 4096; o 38 against 37 at 1024), lose at 64.
-TOKEN_KRON_MAXNREG = 128
+# With the factors split on the host (TOKEN_KRON_PRESPLIT) the kernel reads them from 128 KB of
+# shared memory, one program a multiprocessor whatever the registers: uncapped (188 registers, no
+# spills, 2064 sm_90a instructions a token against 2288 at 128) it ran LLaDA-8B's down site in 81
+# µs at 1024 tokens, against 93 capped and 95 splitting the factors in the kernel (capped, two
+# programs a multiprocessor; benchmarks/results/explore-quantize-sites-presplit-h200.json).
+TOKEN_KRON_MAXNREG = None
 QUANTIZE_MAXNREG = None
 # Above MAX_TOKEN_KRON_TILE, ``_chunk_kron_quantize_kernel`` takes the second factor KRON_CHUNK
 # columns at a time when the first one's padded P1ᵀ fits a program (D1P <= MAX_CHUNK_KRON_D1),
@@ -506,11 +763,81 @@ KRON_CHUNK = 64
 MAX_CHUNK_KRON_D1 = 128
 CHUNK_KRON_WARPS = 8
 CHUNK_KRON_PROGRAMS = 1
+# the chunk kernel's factors split into bfloat16 hi + lo once on the host (``_bf16_split``)
+# instead of in every program for every chunk: Dream-7B's down site, sm_90a SASS weighted by its
+# loops' trip counts, about 4600 instructions a token against 6400; 199 registers and no spills
+# against 255 and 56 bytes, 96 KB of shared memory against 64 (one program a multiprocessor
+# either way); H200, 1024 tokens: 216 µs against 258.
+CHUNK_KRON_PRESPLIT = True
 
 # _dot_f32's precision for the Kronecker stage (float32 operands; see there). H200, 1024 tokens,
 # against tf32x3 (benchmarks/explore/quantize_sites.py, down_site.py): LLaDA-8B q/k/v 17 / 34 µs,
 # o (TAC kernel + this) 37 / 57, down 95 / 194 (one token a program; 256 as PyTorch FFMA + kernel).
 KRON_PRECISION = "bf16x3"
+
+
+# ``_token_kron_split_kernel``: the one-token kernel with the first factor's rows as two
+# power-of-two blocks where that is smaller than padding them (LLaDA-8B's down site: 96 = 64 + 32
+# rows instead of 128; 36 % less tensor-core work, 25 % fewer elements). Static sm_90a SASS a
+# token (hopper_codegen.quantize_variant, compiled here): 2328 instructions at 128 registers
+# (48 bytes of spills) against the padded kernel's 2736 (272); uncapped 2160 at 142 registers
+# against 2352 at 193. The same split with the D1 blocks as the products' M (32-row dots:
+# mma.sync, 2224 bytes of spills) took 4096.
+# Off: on the H200 (Triton 3.6) the kernel computed wrong codes or faulted ("illegal memory
+# access") at both down sites, correct at 48 x 64 and in the interpreter: Triton's known Hopper bug
+# with several tl.dot in one kernel and a dot dimension of 16 or 32 (triton-lang/triton#10486,
+# #11366; helion works around it with dot blocks of 64 and up). The 32-wide block is where the
+# gain is (64 + 64 is LLaDA-8B's padding), so the padded and chunk kernels run instead.
+SPLIT_TOKEN_ROWS = False
+# the split tile's limit: LLaDA-8B's down site 128 x (64 + 32), Dream-7B's 128 x (128 + 32).
+# Dream-7B's, 8 warps, sm_90a SASS a token: 2568 instructions at 250 registers and no spills (one
+# program a multiprocessor, as the chunk kernel ran), against the chunk kernel's ~6400 weighted
+# by its loops (~4600 with its factors split ahead); capped at 128 registers it spilled 704
+# bytes (3320 instructions), with 16 warps 464 (2912 a thread, twice the threads).
+MAX_TOKEN_SPLIT_TILE = 20480
+TOKEN_SPLIT_WARPS = 8
+TOKEN_SPLIT_MAXNREG = 128
+
+
+def token_split_maxnreg(tile: int) -> Optional[int]:
+    """The register cap of ``_token_kron_split_kernel`` for a tile of this many elements:
+    TOKEN_SPLIT_MAXNREG (two programs a multiprocessor) up to MAX_TOKEN_KRON_TILE, none above
+    (one program a multiprocessor, no spills)."""
+    return TOKEN_SPLIT_MAXNREG if tile <= MAX_TOKEN_KRON_TILE else None
+# the one-token kernels' factors split into bfloat16 hi + lo once on the host (``_bf16_split``).
+# The split kernel, sm_90a SASS a token: 1784 instructions at 128 registers (8 bytes of spills),
+# 90 KB of shared memory (two programs a multiprocessor still), against 2328 splitting them in
+# every program and the padded kernel's 2736.
+TOKEN_KRON_PRESPLIT = True
+# the same for ``_fused_quantize_kernel`` (the 64 x 64 sites, two tokens a program: splitting the
+# factors in every program cost as much as splitting the tokens)
+FUSED_KRON_PRESPLIT = True
+
+
+def token_row_blocks(d1: int) -> Optional[tuple[int, int]]:
+    """(D1A, D1B): ``d1`` rows as two power-of-two blocks of at least 16 (``tl.dot``'s minimum)
+    summing to less than ``d1`` padded to a power of two, or None (no gain, or bf16x3 is not the
+    Kronecker precision: the split kernel is written for it)."""
+    padded = max(16, next_power_of_2(d1))
+    first = padded // 2
+    second = max(16, next_power_of_2(max(d1 - first, 1)))
+    if not SPLIT_TOKEN_ROWS or KRON_PRECISION != "bf16x3" or first < 16 or first + second >= padded:
+        return None
+    return first, second
+
+
+def token_split(d1: int, d2: int) -> Optional[tuple[bool, int, int]]:
+    """``(split_j, CA, CB)`` for ``_token_kron_split_kernel``: the side of the d1 x d2 token
+    (``split_j``: the d2 columns, else the d1 rows) split into power-of-two blocks ``CA + CB``
+    (``token_row_blocks``), the one that leaves the smaller tile, if that is at most
+    MAX_TOKEN_SPLIT_TILE elements and smaller than the padded tile; else None."""
+    d1p, d2p = max(16, next_power_of_2(d1)), max(16, next_power_of_2(d2))
+    options = []
+    for split_j, side, other_p in ((False, d1, d2p), (True, d2, d1p)):
+        blocks = token_row_blocks(side)
+        if blocks is not None and other_p * sum(blocks) <= MAX_TOKEN_SPLIT_TILE:
+            options.append((other_p * sum(blocks), (split_j, *blocks)))
+    return min(options)[1] if options else None
 
 
 def _kron_tile(d1: int, d2: int) -> int:
@@ -593,8 +920,13 @@ def fused_quantize_triton(
         if spec.gate:
             state = is_masked.reshape(-1).contiguous().view(torch.uint8)
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        split = token_split(*spec.kron) if spec.kron is not None and _kron_tile(*spec.kron) > MAX_FUSED_KRON_TILE else None
+        if split is not None:
+            _launch_token_split(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), p1, p2, state,
+                                arg(gate_masked), arg(gate_unmasked), spec, bits, rms_eps, split)
+            return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
         if spec.kron is not None and _kron_chunked(*spec.kron):
-            _launch_chunk_kron(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), arg(p1), arg(p2), state,
+            _launch_chunk_kron(x2, q, scale, zero, arg(norm_weight), arg(inv_smooth), p1, p2, state,
                                arg(gate_masked), arg(gate_unmasked), spec, bits, rms_eps)
             return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
         d1, d2, d1p, d2p, block_m = _quantize_tile(spec, m)
@@ -606,8 +938,14 @@ def fused_quantize_triton(
             extra["maxnreg"] = maxnreg
         if by_token:
             kernel, tile = _token_kron_quantize_kernel, {"X_IS_BF16": x2.dtype == torch.bfloat16}
+            parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (p1, True), (p2, False))
+            tile.update(zip(("p1t_hi_ptr", "p1t_lo_ptr", "p2_hi_ptr", "p2_lo_ptr"), parts or (dummy,) * 4),
+                        PRESPLIT=parts is not None)
         else:
             kernel, tile = _fused_quantize_kernel, {"HAS_KRON": spec.kron is not None, "BLOCK_M": block_m}
+            parts = _presplit_parts(FUSED_KRON_PRESPLIT and spec.kron is not None, (p1, False), (p2, False))
+            tile.update(zip(("p1_hi_ptr", "p1_lo_ptr", "p2_hi_ptr", "p2_lo_ptr"), parts or (dummy,) * 4),
+                        PRESPLIT=parts is not None)
         with _device_of(x2):
             kernel[(cdiv(m, block_m),)](
                 x2, q, scale, zero,
@@ -620,6 +958,33 @@ def fused_quantize_triton(
                 HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate, KRON_PRECISION=KRON_PRECISION, **tile, **extra,
             )
     return q.view(*lead, width), scale.view(*lead, 1), zero.view(*lead, 1)
+
+
+def _launch_token_split(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked,
+                        spec, bits, rms_eps, split) -> None:
+    """``_token_kron_split_kernel`` over the tokens of ``x2`` [m, K], one a program; ``split``
+    from ``token_split``."""
+    m, k = x2.shape
+    d1, d2 = spec.kron
+    split_j, ca, cb = split
+    # the left factor transposed (its side unsplit), the right one as stored (its side split)
+    (lf, l_size), (rf, r_size) = ((p1, d1), (p2, d2)) if split_j else ((p2, d2), (p1, d1))
+    lf, rf = lf.contiguous(), rf.contiguous()  # read as stored without their splits
+    parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (lf, True), (rf, False))
+    extra = {} if INTERPRET else {"num_warps": TOKEN_SPLIT_WARPS, "enable_fp_fusion": False}
+    maxnreg = token_split_maxnreg(max(16, next_power_of_2(l_size)) * (ca + cb))
+    if maxnreg and not INTERPRET:
+        extra["maxnreg"] = maxnreg
+    with _device_of(x2):
+        _token_kron_split_kernel[(m,)](
+            x2, q, scale, zero, norm_weight, inv_smooth, lf, rf, state, gate_masked, gate_unmasked,
+            m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
+            *(parts or (lf,) * 4),
+            K=k, D2=d2, R=l_size, RP=max(16, next_power_of_2(l_size)), C=r_size, CA=ca, CB=cb, SPLIT_J=split_j,
+            QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
+            HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight, HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate,
+            KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, PRESPLIT=parts is not None, **extra,
+        )
 
 
 def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked,
@@ -635,15 +1000,72 @@ def _launch_chunk_kron(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, stat
         programs = min(m, CHUNK_KRON_PROGRAMS * _multiprocessors(x2.device.index))
         extra = {"num_warps": CHUNK_KRON_WARPS, "enable_fp_fusion": False}
     scratch = torch.empty((programs, k), dtype=torch.float32, device=x2.device)
+    parts = _presplit_parts(CHUNK_KRON_PRESPLIT, (p1, True), (p2, False))  # kept per factor as given
+    p1, p2 = p1.contiguous(), p2.contiguous()
+    presplit = parts is not None
+    parts = parts or (p1,) * 4
     with _device_of(x2):
         _chunk_kron_quantize_kernel[(programs,)](
-            x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked, scratch,
+            x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, state, gate_masked, gate_unmasked, scratch, *parts,
             m, x2.stride(0), q.stride(0), float(rms_eps) if rms_eps is not None else 0.0,
             K=k, D1=d1, D2=d2, D1P=max(16, next_power_of_2(d1)), CH=KRON_CHUNK, NCH=cdiv(d2, KRON_CHUNK),
             QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1, LEVELS=float((1 << bits) - 1), PACK=spec.packed,
             HAS_NORM=spec.rms_norm, HAS_NORM_WEIGHT=spec.norm_weight, HAS_SMOOTH=spec.smooth, HAS_GATE=spec.gate,
-            KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, **extra,
+            KRON_PRECISION=KRON_PRECISION, X_IS_BF16=x2.dtype == torch.bfloat16, PRESPLIT=presplit, **extra,
         )
+
+
+_SPLITS: dict[int, tuple] = {}  # id(factor) -> (weak reference, {(version, transpose): (hi, lo)})
+# launches of the Kronecker kernels with the factors split ahead ("presplit") or in the kernel
+# because no split was made for the CUDA factor ("split in kernel"): for probes and benchmarks
+PRESPLIT_LAUNCHES: collections.Counter = collections.Counter()
+
+
+def _bf16_split(factor: torch.Tensor, transpose: bool = False, make: bool = True):
+    """A Kronecker factor (or its transpose, contiguous) as bfloat16 ``(hi, lo)`` with
+    ``hi + lo`` its value to 16 significant bits, both rounded to nearest even (as the kernels'
+    ``_bf16_parts``). Kept per factor tensor and version while the factor lives; with ``make``
+    False, None unless it was made before. (Keyed by id with a weak reference: a
+    WeakKeyDictionary would compare tensors with ``==``.)"""
+    key = (factor._version, transpose)
+    entry = _SPLITS.get(id(factor))
+    if entry is not None and entry[0]() is factor and key in entry[1]:
+        return entry[1][key]
+    if not make:
+        return None
+    if entry is None or entry[0]() is not factor:
+        entry = (weakref.ref(factor), {})
+        _SPLITS[id(factor)] = entry
+        weakref.finalize(factor, _SPLITS.pop, id(factor), None)
+    f = (factor.t() if transpose else factor).float().contiguous()
+    hi = f.to(torch.bfloat16)
+    entry[1][key] = (hi, (f - hi.float()).to(torch.bfloat16))
+    return entry[1][key]
+
+
+def prepare_factor_splits(*factors: torch.Tensor) -> None:
+    """Make the bfloat16 splits of Kronecker factors (as stored and transposed) ahead of their
+    first launch. The fusion pass calls it at compile time for CUDA factors: at run time a CUDA
+    factor without its split is split in the kernel instead, never here, because under CUDA
+    graphs the first call is a warm-up that allocates in the graph's memory pool, and Inductor's
+    CUDA-graph trees refuse memory left there that is not an output."""
+    for factor in factors:
+        for transpose in (False, True):
+            _bf16_split(factor, transpose)
+
+
+def _presplit_parts(wanted: bool, *factors: tuple) -> Optional[tuple]:
+    """(hi, lo, hi, lo, ...) of ``(factor, transposed)`` pairs, or None: not ``wanted``, a
+    precision other than bf16x3, or a CUDA factor whose split was not made ahead
+    (``prepare_factor_splits``). CPU factors (the interpreter) are split here."""
+    if not wanted or KRON_PRECISION != "bf16x3":
+        return None
+    parts = [_bf16_split(f, t, make=not f.is_cuda) for f, t in factors]
+    if any(p is None for p in parts):
+        PRESPLIT_LAUNCHES["split in kernel"] += 1
+        return None
+    PRESPLIT_LAUNCHES["presplit"] += 1
+    return tuple(t for pair in parts for t in pair)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1186,8 +1608,9 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _bf16_rounded, _bf16_dot, _dot_f32, _quantize_store, _fused_quantize_kernel,
-               _norm_smooth, _token_kron_quantize_kernel, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
+    kernels = (_normalised, _bf16_rounded, _bf16_parts, _bf16_pair, _bf16_dot, _bf16x3_acc, _dot_f32_split_b, _dot_f32, _quantize_store,
+               _store_codes, _fused_quantize_kernel, _norm_smooth, _token_kron_quantize_kernel, _token_kron_split_kernel,
+               _factor_block, _factor_parts, _store_token_codes, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
                _a_planes, _k_planes, _epilogue_tile, _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes,
                _w4_weight_planes, _w4_weight_tile, _w4_activation_tile, _w4_linear_kernel_body)
     sources = {}

@@ -274,6 +274,19 @@ def _w_bits(linear: fx.Node) -> int:
     return linear.meta.get("stq_linear", {}).get("w_bits", 8)
 
 
+def _prepare_factor_splits(gm: fx.GraphModule, prologue: dict) -> None:
+    """Split a site's CUDA Kronecker factors into bfloat16 hi + lo now, at compile time, for the
+    activation kernels to read (``triton_fused.prepare_factor_splits``): made at the first call
+    instead, under CUDA graphs they would be allocated in the graph's memory pool during the
+    warm-up, which Inductor's CUDA-graph trees refuse."""
+    factors = [getattr(gm, prologue[name].target) for name in ("p1", "p2")
+               if isinstance(prologue.get(name), fx.Node) and prologue[name].op == "get_attr"]
+    if any(f.is_cuda for f in factors):
+        from stq_compiler.codegen import triton_fused
+
+        triton_fused.prepare_factor_splits(*factors)
+
+
 def fuse_quantized_sites(gm: fx.GraphModule, swiglu_epilogue: bool = False) -> tuple[fx.GraphModule, PassReport]:
     """``swiglu_epilogue``: gate/up become one GEMM with the SwiGLU in its epilogue. Off by
     default: on the H200 at LLaDA-8B's gate/up (4-bit weights, 1024 tokens) the Gluon W4 kernel
@@ -305,6 +318,7 @@ def fuse_quantized_sites(gm: fx.GraphModule, swiglu_epilogue: bool = False) -> t
             # registers and stored back (about 2x slower on the H200; triton_fused docstring).
             fused = graph.call_function(FUSED_QUANTIZE, (x, bits), {**prologue, **extra, "pack": False})
         fused.meta["stq_fused"] = {"stages": [*reversed(stages), "quantize"], "bits": bits}
+        _prepare_factor_splits(gm, prologue)
         quantize.replace_all_uses_with(fused)
         graph.erase_node(quantize)
         for node in absorbed:  # from the quantizer back: each has no reader left

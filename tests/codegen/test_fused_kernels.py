@@ -43,6 +43,33 @@ if not INTERPRETING:
         assert triton_fused.KRON_PRECISION in ("bf16x3", "tf32x3", "ieee")  # never plain TF32 or bfloat16
         assert "tl.dot" in sources["_fused_linear_kernel_body"]
 
+    def test_factor_split_is_kept_per_tensor_and_version():
+        # _bf16_split: the chunk kernel's pre-split factors, made once per factor tensor and
+        # version (hi + lo within 2^-16 of the value, both bfloat16 rounded to nearest even)
+        from stq_compiler.codegen import triton_fused
+
+        p = torch.randn(20, 20, generator=torch.Generator().manual_seed(3))
+        hi, lo = triton_fused._bf16_split(p)
+        assert hi.dtype == lo.dtype == torch.bfloat16
+        assert torch.equal(hi, p.to(torch.bfloat16)) and torch.equal(lo, (p - hi.float()).to(torch.bfloat16))
+        assert ((hi.float() + lo.float() - p).abs() <= 2.0**-16 * p.abs()).all()
+        assert triton_fused._bf16_split(p)[0] is hi  # kept
+        hi_t, _ = triton_fused._bf16_split(p, transpose=True)
+        assert torch.equal(hi_t, hi.t()) and hi_t.is_contiguous()
+        p.mul_(2.0)  # a new version: split again
+        assert torch.equal(triton_fused._bf16_split(p)[0], p.to(torch.bfloat16))
+        assert triton_fused._bf16_split(p)[0] is not hi
+        key = id(p)
+        del p, hi, lo, hi_t
+        assert key not in triton_fused._SPLITS  # dropped with the factor
+        # what the launchers of CUDA factors ask: made ahead (the fusion pass), or None
+        q = torch.randn(8, 8)
+        assert triton_fused._bf16_split(q, make=False) is None
+        triton_fused.prepare_factor_splits(q)
+        assert torch.equal(triton_fused._bf16_split(q, True, make=False)[0], q.t().to(torch.bfloat16))
+        assert triton_fused._presplit_parts(True, (q, False), (q, True))[2] is triton_fused._bf16_split(q, True)[0]
+        assert triton_fused._presplit_parts(False, (q, False)) is None
+
     def test_kernels_match_reference_in_triton_interpreter():
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         proc = subprocess.run(
@@ -253,6 +280,14 @@ else:
         want = ops.quantize_per_token_reference(x, 4, is_masked, ones, ones)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
+    def _launch_grids(monkeypatch, kernel_name):
+        """The grids ``triton_fused.<kernel_name>`` is launched with from now on (a list that fills)."""
+        launched = []
+        kernel = getattr(triton_fused, kernel_name)
+        monkeypatch.setattr(triton_fused, kernel_name,
+                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        return launched
+
     TOKEN_STAGE_SETS = [("kron",), ("kron", "gate"), ("norm", "kron", "gate"), ("norm_w", "smooth", "kron", "gate"),
                         ("tac", "kron", "gate")]
 
@@ -262,10 +297,7 @@ else:
         # Factors above MAX_FUSED_KRON_TILE (LLaDA-8B's down site on the GPU): _token_kron_quantize_kernel,
         # here at (6, 8) padded to 16 x 16 with the limit lowered, and at (20, 24) padded to 32 x 32.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
-        launched = []
-        kernel = triton_fused._token_kron_quantize_kernel
-        monkeypatch.setattr(triton_fused, "_token_kron_quantize_kernel",
-                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        launched = _launch_grids(monkeypatch, "_token_kron_quantize_kernel")
         for m, kron in ((5, (6, 8)), (3, (20, 24))):
             k = kron[0] * kron[1]
             gen = _gen("token", stages, bits, m)
@@ -274,6 +306,88 @@ else:
             got = fused_quantize_triton(x, bits, **kw, pack=pack)
             assert_codes_agree(got, x, bits, kw, pack)
         assert launched == [(5,), (3,)]
+
+    @pytest.mark.parametrize("kernel", ["fused", "token", "chunks"])
+    def test_factors_split_ahead_or_in_the_kernel_give_the_same_bits(monkeypatch, kernel):
+        # The bfloat16 hi + lo of the factors made on the host (_bf16_split) hold the values the
+        # kernels' own split makes, and enter the same products in the same order: bit for bit
+        # the same codes, scales and zeros, for each Kronecker kernel, with and without a norm
+        # (a bfloat16 input with no float stage has a zero lo part, X_IS_BF16)
+        flag, kron = {"fused": ("FUSED_KRON_PRESPLIT", (4, 8)), "token": ("TOKEN_KRON_PRESPLIT", (20, 24)),
+                      "chunks": ("CHUNK_KRON_PRESPLIT", (6, 40))}[kernel]
+        if kernel == "chunks":
+            monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
+            monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+            monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
+            monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
+        elif kernel == "token":
+            monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        for stages in (("kron", "gate"), ("norm", "kron", "gate")):
+            m, k = 5, kron[0] * kron[1]
+            gen = _gen("presplit", kernel, stages)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
+            got = {}
+            for presplit in (True, False):
+                monkeypatch.setattr(triton_fused, flag, presplit)
+                triton_fused.PRESPLIT_LAUNCHES.clear()
+                got[presplit] = fused_quantize_triton(x, 4, **kw)
+                # CPU factors are split by the launcher when wanted
+                assert triton_fused.PRESPLIT_LAUNCHES == ({"presplit": 1} if presplit else {})
+            assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+            assert_codes_agree(got[True], x, 4, kw, True)
+
+    def test_token_row_blocks(monkeypatch):
+        # off by default (SPLIT_TOKEN_ROWS: a Triton bug on Hopper); on, two power-of-two blocks of
+        # >= 16 rows where they are fewer than the padded rows
+        assert triton_fused.token_split(96, 128) is None and triton_fused.token_split(128, 148) is None
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
+        assert triton_fused.token_row_blocks(96) == (64, 32)  # LLaDA-8B's down site
+        assert triton_fused.token_row_blocks(40) == (32, 16)
+        assert triton_fused.token_row_blocks(48) == (32, 16)
+        assert triton_fused.token_row_blocks(33) == (32, 16)
+        assert triton_fused.token_row_blocks(148) == (128, 32)  # Dream-7B's down site, columns
+        assert triton_fused.token_split(96, 128) == (False, 64, 32)
+        assert triton_fused.token_split(128, 148) == (True, 128, 32)
+        assert triton_fused.token_split(128, 128) is None and triton_fused.token_split(64, 64) is None
+        for d1 in (6, 16, 20, 64, 128, 56):  # a power of two, too small, or no fewer rows
+            assert triton_fused.token_row_blocks(d1) is None, d1
+
+    @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
+    @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
+    def test_fused_quantize_one_token_a_program_in_row_blocks(monkeypatch, stages, bits, pack):
+        # One side of the token as two power-of-two blocks: _token_kron_split_kernel. The rows
+        # (LLaDA-8B's down site: 96 = 64 + 32) at (48, 8) as 32 + 16 rows (no padding rows; 8
+        # columns padded to 16) and at (40, 6) as 32 + 16 (the second block half padding); the
+        # columns (Dream-7B's: 148 = 128 + 32) at (8, 48) and (6, 40); limit lowered
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
+        for m, kron in ((3, (48, 8)), (2, (40, 6)), (3, (8, 48)), (2, (6, 40))):
+            k = kron[0] * kron[1]
+            gen = _gen("token-blocks", stages, bits, m, kron)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
+            got = fused_quantize_triton(x, bits, **kw, pack=pack)
+            assert_codes_agree(got, x, bits, kw, pack)
+        assert launched == [(3,), (2,), (3,), (2,)]
+
+    def test_fused_quantize_row_blocks_exact_with_exact_transforms(monkeypatch):
+        # The row-block kernel with signed permutations (every product by ±1 or 0, one nonzero
+        # term a sum, across the blocks too; bfloat16 inputs split exactly): bit for bit the
+        # reference's codes, scales and zeros
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
+        for m, kron in ((4, (40, 6)), (3, (6, 40))):  # rows split, columns split
+            k = kron[0] * kron[1]
+            gen = _gen("blocks-exact", kron)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(("gate",), m, k, None, gen, torch.bfloat16)
+            kw["p1"], kw["p2"] = _signed_permutation(kron[0], gen), _signed_permutation(kron[1], gen)
+            for bits in (4, 8):
+                assert_codes_agree(fused_quantize_triton(x, bits, **kw), x, bits, kw, exact=True)
+        assert len(launched) == 4
 
     @pytest.mark.parametrize("bits,pack", STORAGE, ids=[_storage_id(s) for s in STORAGE])
     @pytest.mark.parametrize("stages", TOKEN_STAGE_SETS, ids=lambda s: "+".join(s))
@@ -284,12 +398,10 @@ else:
         # tokens and 2 programs (3 and 2 tokens each), and (12, 32) in two full chunks over 1 token.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)  # no split tile: the chunks
         monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
         monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
-        launched = []
-        kernel = triton_fused._chunk_kron_quantize_kernel
-        monkeypatch.setattr(triton_fused, "_chunk_kron_quantize_kernel",
-                            type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        launched = _launch_grids(monkeypatch, "_chunk_kron_quantize_kernel")
         for m, kron in ((5, (6, 40)), (1, (12, 32))):
             k = kron[0] * kron[1]
             gen = _gen("chunks", stages, bits, m)
@@ -305,6 +417,7 @@ else:
         # (1 / scale as in test_fused_quantize_exact_with_exact_transforms).
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)  # no split tile: the chunks
         monkeypatch.setattr(triton_fused, "KRON_CHUNK", 16)
         monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 16)
         m, kron = 7, (6, 40)
@@ -323,6 +436,7 @@ else:
         # stages in PyTorch, then the kernel.
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 64)
         monkeypatch.setattr(triton_fused, "MAX_TOKEN_KRON_TILE", 128)
+        monkeypatch.setattr(triton_fused, "MAX_TOKEN_SPLIT_TILE", 0)
         monkeypatch.setattr(triton_fused, "MAX_CHUNK_KRON_D1", 8)
         m, k, kron = 5, 48, (6, 8)
         gen = _gen("fallback", stages)

@@ -120,8 +120,14 @@ def test_fused_quantize_real_shapes(model, site, m, bits):
     path = ("fused" if tile <= triton_fused.MAX_FUSED_KRON_TILE else
             "token-kron" if tile <= triton_fused.MAX_TOKEN_KRON_TILE else
             "chunk-kron" if triton_fused._kron_chunked(*kronecker_factors(k)) else "torch-kron")
-    report("fused_quantize", f"{model} {site} M={m} K={k} a{bits} {path}", ok, **numbers)
-    assert ok
+    # the factors split ahead (as the fusion pass does): the same bits as split in the kernel
+    triton_fused.PRESPLIT_LAUNCHES.clear()
+    triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])
+    presplit = triton_fused.fused_quantize_triton(x, bits, **kw)
+    same = all(torch.equal(a, b) for a, b in zip((q, scale, zero), presplit))
+    report("fused_quantize", f"{model} {site} M={m} K={k} a{bits} {path}", ok, presplit_same=same,
+           launches=dict(triton_fused.PRESPLIT_LAUNCHES), **numbers)
+    assert ok and same and triton_fused.PRESPLIT_LAUNCHES == {"presplit": 1}
 
 
 BYTES_CASES = [(model, site) for model in MODELS for site in SITES]

@@ -93,30 +93,49 @@ def test_fused_quantize_kron_on_tensor_cores_without_spills():
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
-def test_fused_quantize_one_token_a_program_on_tensor_cores():
-    # LLaDA-8B's MLP down site: 96 x 128 Kronecker padded to 128 x 128, one token a program.
-    # Capped at 128 registers (TOKEN_KRON_MAXNREG), so that two programs of 8 warps share a
-    # multiprocessor: ~300 bytes of spills (185 registers and none uncapped, 5-9 % slower on the
-    # H200; 255 and ~100 bytes before the bfloat16 splits used the conversion instruction);
-    # 4 and 16 warps spilled kilobytes and ran 2-3x slower (results/explore-down-site-h200.json).
+@pytest.mark.parametrize("split,presplit", [(True, True), (False, True), (False, False)],
+                         ids=["row-blocks", "padded", "padded-split-in-kernel"])
+def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split, presplit):
+    # LLaDA-8B's MLP down site: 96 x 128 Kronecker, one token a program, its 96 rows as 64 + 32
+    # (_token_kron_split_kernel, off by default: SPLIT_TOKEN_ROWS; every product a warpgroup MMA,
+    # capped at 128 registers for two programs a multiprocessor, factors split on the host: under
+    # 16 bytes of spills) or padded to 128 (_token_kron_quantize_kernel). Padded with the factors
+    # split on the host (production): their splits in shared memory leave one program a
+    # multiprocessor, so uncapped, 188 registers and no spills; splitting them in the kernel,
+    # capped at 128 (TOKEN_KRON_MAXNREG until the host splits): ~300 bytes of spills, two programs
+    # a multiprocessor. 4 and 16 warps spilled kilobytes and ran 2-3x slower
+    # (results/explore-down-site-h200.json).
+    monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", split)
+    monkeypatch.setattr(triton_fused, "TOKEN_KRON_PRESPLIT", presplit)
+    if not presplit:
+        monkeypatch.setattr(triton_fused, "TOKEN_KRON_MAXNREG", 128)
     spec = FusedQuantizeSpec(12288, 4, kron=(96, 128), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
-    assert "tile=1x128x128" in r.name
-    assert r.uses_wgmma
-    assert r.registers <= 128 and 2 * r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED  # two programs an SM
-    assert r.spill_bytes <= 512
+    assert ("tile=1x128x(64+32)" if split else "tile=1x128x128") in r.name
+    assert r.uses_wgmma and (not split or r.mma == ["HGMMA"])  # no mma.sync for the 32-row block
+    if split or not presplit:
+        assert r.registers <= 128 and 2 * r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED  # two programs an SM
+        assert r.spill_bytes <= (128 if split else 512)
+    else:
+        assert r.spill_bytes == 0
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
 
 
-def test_fused_quantize_second_factor_in_chunks_on_tensor_cores():
-    # Dream-7B's MLP down site: 128 x 148, too large for one token's tile (P2 alone 256 KB):
-    # _chunk_kron_quantize_kernel, 64 columns of the second factor at a time. 56 bytes of spills
-    # at 8 warps (255 registers), 64 KB of shared memory.
+@pytest.mark.parametrize("kernel", ["column-blocks", "chunks-presplit", "chunks"])
+def test_dream_down_site_on_tensor_cores(monkeypatch, kernel):
+    # Dream-7B's MLP down site: 128 x 148, its 148 columns as 128 + 32 in one token's tile
+    # (_token_kron_split_kernel, off by default: 250 registers and no spills at 8 warps, one program a
+    # multiprocessor), or, too large for the padded 128 x 256 tile (P2 alone 256 KB), 64 columns
+    # of the second factor at a time (_chunk_kron_quantize_kernel; with its factors split on the
+    # host: 199 registers, no spills, 96 KB of shared memory; split in the kernel: 255 and 68
+    # bytes of spills, 64 KB)
+    monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", kernel == "column-blocks")
+    monkeypatch.setattr(triton_fused, "CHUNK_KRON_PRESPLIT", kernel != "chunks")
     spec = FusedQuantizeSpec(18944, 4, kron=(128, 148), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
-    assert "chunks=128x64x3" in r.name
-    assert r.uses_wgmma
-    assert r.spill_bytes <= 64
+    assert ("tile=1x128x(128+32)" if kernel == "column-blocks" else "chunks=128x64x3") in r.name
+    assert r.uses_wgmma and r.mma == ["HGMMA"]
+    assert r.spill_bytes <= (96 if kernel == "chunks" else 0)
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
