@@ -1608,7 +1608,7 @@ def _fused_linear_cuda(xq, x_scale, x_zero, wq, w_scale, w_sum, bias, residual, 
 
 def kernel_sources() -> dict[str, str]:
     """The Triton source of each kernel, by name (for inspection and dumps)."""
-    kernels = (_normalised, _bf16_rounded, _bf16_parts, _bf16_pair, _bf16_dot, _bf16x3_acc, _dot_f32_split_b, _dot_f32, _quantize_store,
+    kernels = (_normalised, _bf16_rounded, _bf16_parts, _bf16_pair, _bf16_dot, _bf16x3_acc, _dot_f32_split_b, _dot_f32, _times_factor, _quantize_store,
                _store_codes, _fused_quantize_kernel, _norm_smooth, _token_kron_quantize_kernel, _token_kron_split_kernel,
                _factor_block, _factor_parts, _store_token_codes, _chunk_token_rows, _chunk_kron_quantize_kernel, _tac_affine_kernel,
                _a_planes, _k_planes, _epilogue_tile, _bfloat16_bits_rne, _fused_linear_kernel_body, _nibble_planes,

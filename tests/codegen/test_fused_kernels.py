@@ -38,7 +38,7 @@ if not INTERPRETING:
         triton_fused.register_cuda_kernels()
         triton_fused.register_cuda_kernels()  # idempotent
         sources = triton_fused.kernel_sources()
-        assert "_dot_f32(" in sources["_fused_quantize_kernel"]
+        assert "_times_factor(" in sources["_fused_quantize_kernel"] and "_dot_f32(" in sources["_times_factor"]
         assert "_dot_f32(" in sources["_token_kron_quantize_kernel"]
         assert triton_fused.KRON_PRECISION in ("bf16x3", "tf32x3", "ieee")  # never plain TF32 or bfloat16
         assert "tl.dot" in sources["_fused_linear_kernel_body"]
