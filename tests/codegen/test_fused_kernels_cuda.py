@@ -8,6 +8,8 @@ every case prints one ``[stq-cuda] ...`` line for the results record.
   4096, 4 and 8 bits, against the reference computed on CPU copies (the definition). The float
   stages sum in another order and the Kronecker dots are bf16x3, so codes may move next to a
   rounding tie, within the float error bound of ``tests/codegen/code_agreement.py``.
+  The same at the small models' widths (the bundled model's and the tests' tiny ones), whose
+  Kronecker dots are 8-32 wide.
 * ``fused_linear``: the integer part exact (unit scales, float32 output, reference = float64
   matmul of the codes on the GPU, exact below 2**53) for every linear shape and operand mode
   (W4A4 packed, W8A8, W4A8), and every autotuning configuration at one awkward shape; the
@@ -41,6 +43,9 @@ pytestmark = [
 
 DEV = "cuda"
 MODELS = {"llada": (4096, 12288), "dream": (3584, 18944)}  # (hidden, MLP)
+# small models' widths: the bundled stq-tiny-llada (Kronecker factors 16 x 16 and 24 x 32) and the
+# tests' tiny models (8 x 8, 8 x 16)
+SMALL_MODELS = {"stq-tiny-llada": (256, 768), "tiny": (64, 128)}
 TOKENS = (1, 7, 1024, 4096)
 
 
@@ -80,7 +85,7 @@ QUANT_CASES = [
 
 
 def _site_args(model, site, m, seed):
-    hidden, mlp = MODELS[model]
+    hidden, mlp = MODELS[model] if model in MODELS else SMALL_MODELS[model]
     k = mlp if site == "down" else hidden
     gen = _gen(seed + 1)
     kw = {}
@@ -128,6 +133,28 @@ def test_fused_quantize_real_shapes(model, site, m, bits):
     report("fused_quantize", f"{model} {site} M={m} K={k} a{bits} {path}", ok, presplit_same=same,
            launches=dict(triton_fused.PRESPLIT_LAUNCHES), **numbers)
     assert ok and same and triton_fused.PRESPLIT_LAUNCHES == {"presplit": 1}
+
+
+SMALL_CASES = [(model, site, m) for model in SMALL_MODELS for site in SITES for m in (1, 7, 64)]
+
+
+@pytest.mark.parametrize("model,site,m", SMALL_CASES, ids=[f"{a}-{b}-M{c}" for a, b, c in SMALL_CASES])
+def test_fused_quantize_small_models(model, site, m):
+    # Small models' Kronecker factors make dots 16 or 32 wide, several in one kernel: where
+    # Triton's Hopper bug (triton-lang/triton#10486, #11366: wrong values or faults) struck
+    # _token_kron_split_kernel. The GPU accuracy runs of the bundled model go through these.
+    seed = zlib.crc32(repr(("small", model, site, m)).encode()) % 100003
+    k, kw = _site_args(model, site, m, seed)
+    x = _activation(m, k, seed)
+    got = triton_fused.fused_quantize_triton(x, 4, **kw)
+    torch.cuda.synchronize()
+    cpu = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+    want = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu)
+    ok, numbers = code_agreement(got, want, reference_values(x.cpu(), **cpu), k, 4)
+    triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])
+    same = all(torch.equal(a, b) for a, b in zip(got, triton_fused.fused_quantize_triton(x, 4, **kw)))
+    report("fused_quantize", f"{model} {site} M={m} K={k} kron={kronecker_factors(k)}", ok, presplit_same=same, **numbers)
+    assert ok and same
 
 
 BYTES_CASES = [(model, site) for model in MODELS for site in SITES]
