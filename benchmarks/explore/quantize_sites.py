@@ -12,8 +12,10 @@ with a variant that could replace it.
   production ran before 2026-11-29 (session 10);
 * LLaDA-8B's down site: ``uncapped``, without the register cap (the split factors' shared memory
   leaves one program a multiprocessor either way);
-* ``_token_kron_split_kernel`` (one side as 64 + 32 or 128 + 32 blocks) is not probed: on the H200
-  it computed wrong codes or faulted, which ends the process (``triton_fused.SPLIT_TOKEN_ROWS``);
+* ``_token_kron_split_kernel`` with 64 + 32 or 128 + 32 blocks is not probed: on the H200 it
+  computed wrong codes or faulted, which ends the process (``triton_fused.SPLIT_TOKEN_ROWS``);
+  Dream-7B's down site as 128 + 64 columns (``column blocks 128 + 64``, no dot narrower than 64)
+  runs last, so that a fault loses no other row;
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -83,6 +85,8 @@ def variants(site, extra=False):
         out.append(("factors split in the kernel", {key: False}))
     if site == "llada down":
         out.append(("uncapped", {"TOKEN_KRON_MAXNREG": None}))
+    if site == "dream down" and not extra:
+        out.append(("column blocks 128 + 64", {"SPLIT_TOKEN_ROWS": True}))
     return out
 
 

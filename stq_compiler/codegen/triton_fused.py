@@ -786,15 +786,19 @@ KRON_PRECISION = "bf16x3"
 # Off: on the H200 (Triton 3.6) the kernel computed wrong codes or faulted ("illegal memory
 # access") at both down sites, correct at 48 x 64 and in the interpreter: Triton's known Hopper bug
 # with several tl.dot in one kernel and a dot dimension of 16 or 32 (triton-lang/triton#10486,
-# #11366; helion works around it with dot blocks of 64 and up). The 32-wide block is where the
-# gain is (64 + 64 is LLaDA-8B's padding), so the padded and chunk kernels run instead.
+# #11366; helion works around it with dot blocks of 64 and up). So a block is now at least
+# MIN_SPLIT_BLOCK wide: LLaDA-8B's 96 rows would be 64 + 64, its padding, and get no split;
+# Dream-7B's 148 columns are 128 + 64 instead of padded to 256 (no dot narrower than 64), not yet
+# run on a GPU, so the kernel stays off until it is (the chunk kernel runs Dream-7B's down site).
 SPLIT_TOKEN_ROWS = False
-# the split tile's limit: LLaDA-8B's down site 128 x (64 + 32), Dream-7B's 128 x (128 + 32).
-# Dream-7B's, 8 warps, sm_90a SASS a token: 2568 instructions at 250 registers and no spills (one
-# program a multiprocessor, as the chunk kernel ran), against the chunk kernel's ~6400 weighted
-# by its loops (~4600 with its factors split ahead); capped at 128 registers it spilled 704
-# bytes (3320 instructions), with 16 warps 464 (2912 a thread, twice the threads).
-MAX_TOKEN_SPLIT_TILE = 20480
+MIN_SPLIT_BLOCK = 64
+# the split tile's limit: Dream-7B's down site 128 x (128 + 64). At 8 warps, factors split on the
+# host, sm_90a SASS a token: 2944 instructions at 251 registers and no spills, 112 KB of shared
+# memory (one program a multiprocessor, as the chunk kernel runs; 16 warps: 128 registers, 640
+# bytes of spills, 3440 a thread). The chunk kernel, ~4600 weighted by its loops, takes 216 µs
+# at 1024 tokens on the H200; LLaDA-8B's token kernel, 2064 instructions at one program a
+# multiprocessor, 81. (128 + 32: 2568 instructions at 250 registers.)
+MAX_TOKEN_SPLIT_TILE = 24576
 TOKEN_SPLIT_WARPS = 8
 TOKEN_SPLIT_MAXNREG = 128
 
@@ -815,13 +819,15 @@ FUSED_KRON_PRESPLIT = True
 
 
 def token_row_blocks(d1: int) -> Optional[tuple[int, int]]:
-    """(D1A, D1B): ``d1`` rows as two power-of-two blocks of at least 16 (``tl.dot``'s minimum)
-    summing to less than ``d1`` padded to a power of two, or None (no gain, or bf16x3 is not the
-    Kronecker precision: the split kernel is written for it)."""
+    """(D1A, D1B): ``d1`` rows as two power-of-two blocks of at least MIN_SPLIT_BLOCK (and 16,
+    ``tl.dot``'s minimum) summing to less than ``d1`` padded to a power of two, or None (no gain,
+    the kernel is off, or bf16x3 is not the Kronecker precision: the split kernel is written for
+    it)."""
+    least = max(16, MIN_SPLIT_BLOCK)
     padded = max(16, next_power_of_2(d1))
     first = padded // 2
-    second = max(16, next_power_of_2(max(d1 - first, 1)))
-    if not SPLIT_TOKEN_ROWS or KRON_PRECISION != "bf16x3" or first < 16 or first + second >= padded:
+    second = max(least, next_power_of_2(max(d1 - first, 1)))
+    if not SPLIT_TOKEN_ROWS or KRON_PRECISION != "bf16x3" or first < least or first + second >= padded:
         return None
     return first, second
 

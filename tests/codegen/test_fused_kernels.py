@@ -338,15 +338,26 @@ else:
             assert_codes_agree(got[True], x, 4, kw, True)
 
     def test_token_row_blocks(monkeypatch):
-        # off by default (SPLIT_TOKEN_ROWS: a Triton bug on Hopper); on, two power-of-two blocks of
-        # >= 16 rows where they are fewer than the padded rows
+        # off by default (SPLIT_TOKEN_ROWS: not yet run on a GPU since the Hopper bug); on, two
+        # power-of-two blocks of at least MIN_SPLIT_BLOCK (64: no dot 16 or 32 wide) where they
+        # are fewer than the padded rows
         assert triton_fused.token_split(96, 128) is None and triton_fused.token_split(128, 148) is None
         monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
-        assert triton_fused.token_row_blocks(96) == (64, 32)  # LLaDA-8B's down site
+        assert triton_fused.MIN_SPLIT_BLOCK == 64
+        assert triton_fused.token_row_blocks(96) is None  # LLaDA-8B's down site: 64 + 64 is its padding
+        assert triton_fused.token_row_blocks(148) == (128, 64)  # Dream-7B's down site, columns
+        assert triton_fused.token_row_blocks(320) == (256, 64)
+        assert triton_fused.token_split(96, 128) is None
+        assert triton_fused.token_split(128, 148) == (True, 128, 64)
+        assert triton_fused.token_row_blocks(192) == (128, 64)
+        for d1 in (40, 100, 128, 200):  # blocks below 64, or no fewer rows
+            assert triton_fused.token_row_blocks(d1) is None, d1
+        monkeypatch.setattr(triton_fused, "MIN_SPLIT_BLOCK", 16)  # as the interpreter tests run it
+        assert triton_fused.token_row_blocks(96) == (64, 32)
         assert triton_fused.token_row_blocks(40) == (32, 16)
         assert triton_fused.token_row_blocks(48) == (32, 16)
         assert triton_fused.token_row_blocks(33) == (32, 16)
-        assert triton_fused.token_row_blocks(148) == (128, 32)  # Dream-7B's down site, columns
+        assert triton_fused.token_row_blocks(148) == (128, 32)
         assert triton_fused.token_split(96, 128) == (False, 64, 32)
         assert triton_fused.token_split(128, 148) == (True, 128, 32)
         assert triton_fused.token_split(128, 128) is None and triton_fused.token_split(64, 64) is None
@@ -361,6 +372,7 @@ else:
         # columns padded to 16) and at (40, 6) as 32 + 16 (the second block half padding); the
         # columns (Dream-7B's: 148 = 128 + 32) at (8, 48) and (6, 40); limit lowered
         monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
+        monkeypatch.setattr(triton_fused, "MIN_SPLIT_BLOCK", 16)  # blocks this small only here (Hopper bug)
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
         launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
         for m, kron in ((3, (48, 8)), (2, (40, 6)), (3, (8, 48)), (2, (6, 40))):
@@ -372,11 +384,29 @@ else:
             assert_codes_agree(got, x, bits, kw, pack)
         assert launched == [(3,), (2,), (3,), (2,)]
 
+    @pytest.mark.parametrize("stages", [("kron", "gate"), ("norm", "kron", "gate")], ids=lambda s: "+".join(s))
+    def test_fused_quantize_in_blocks_of_the_default_width(monkeypatch, stages):
+        # the split kernel as it would run on the GPU (MIN_SPLIT_BLOCK = 64, Dream-7B's down
+        # site as 128 + 64 columns): here 136 columns (6 x 136) and 136 rows (136 x 6) as 128 + 64;
+        # limit lowered
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
+        monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
+        launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
+        for m, kron in ((3, (6, 136)), (2, (136, 6))):
+            assert triton_fused.token_split(*kron)[1:] == (128, 64)
+            k = kron[0] * kron[1]
+            gen = _gen("token-blocks-64", stages, kron)
+            x = _activation(m, k, torch.bfloat16, gen)
+            kw = _stage_args(stages, m, k, kron, gen, torch.bfloat16)
+            assert_codes_agree(fused_quantize_triton(x, 4, **kw), x, 4, kw, True)
+        assert launched == [(3,), (2,)]
+
     def test_fused_quantize_row_blocks_exact_with_exact_transforms(monkeypatch):
         # The row-block kernel with signed permutations (every product by ±1 or 0, one nonzero
         # term a sum, across the blocks too; bfloat16 inputs split exactly): bit for bit the
         # reference's codes, scales and zeros
         monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
+        monkeypatch.setattr(triton_fused, "MIN_SPLIT_BLOCK", 16)  # blocks this small only here (Hopper bug)
         monkeypatch.setattr(triton_fused, "MAX_FUSED_KRON_TILE", 128)
         launched = _launch_grids(monkeypatch, "_token_kron_split_kernel")
         for m, kron in ((4, (40, 6)), (3, (6, 40))):  # rows split, columns split

@@ -106,6 +106,7 @@ def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split, 
     # a multiprocessor. 4 and 16 warps spilled kilobytes and ran 2-3x slower
     # (results/explore-down-site-h200.json).
     monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", split)
+    monkeypatch.setattr(triton_fused, "MIN_SPLIT_BLOCK", 32)  # the 32-row block (the Hopper bug's width)
     monkeypatch.setattr(triton_fused, "TOKEN_KRON_PRESPLIT", presplit)
     if not presplit:
         monkeypatch.setattr(triton_fused, "TOKEN_KRON_MAXNREG", 128)
@@ -124,18 +125,18 @@ def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split, 
 
 @pytest.mark.parametrize("kernel", ["column-blocks", "chunks-presplit", "chunks"])
 def test_dream_down_site_on_tensor_cores(monkeypatch, kernel):
-    # Dream-7B's MLP down site: 128 x 148, its 148 columns as 128 + 32 in one token's tile
-    # (_token_kron_split_kernel, off by default: 250 registers and no spills at 8 warps, one program a
-    # multiprocessor), or, too large for the padded 128 x 256 tile (P2 alone 256 KB), 64 columns
-    # of the second factor at a time (_chunk_kron_quantize_kernel; with its factors split on the
-    # host: 199 registers, no spills, 96 KB of shared memory; split in the kernel: 255 and 68
-    # bytes of spills, 64 KB)
+    # Dream-7B's MLP down site: 128 x 148, its 148 columns as 128 + 64 in one token's tile
+    # (_token_kron_split_kernel, off by default: 251 registers and no spills at 8 warps, one
+    # program a multiprocessor, every dot at least 64 wide), or, too large for the padded
+    # 128 x 256 tile (P2 alone 256 KB), 64 columns of the second factor at a time
+    # (_chunk_kron_quantize_kernel; with its factors split on the host: 199 registers, no spills,
+    # 96 KB of shared memory; split in the kernel: 255 and 68 bytes of spills, 64 KB)
     monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", kernel == "column-blocks")
     monkeypatch.setattr(triton_fused, "CHUNK_KRON_PRESPLIT", kernel != "chunks")
     spec = FusedQuantizeSpec(18944, 4, kron=(128, 148), gate=True, pack=False)
     r = hopper_codegen.quantize_variant(spec, m=1024)
     print(r.row())
-    assert ("tile=1x128x(128+32)" if kernel == "column-blocks" else "chunks=128x64x3") in r.name
+    assert ("tile=1x128x(128+64)" if kernel == "column-blocks" else "chunks=128x64x3") in r.name
     assert r.uses_wgmma and r.mma == ["HGMMA"]
     assert r.spill_bytes <= (96 if kernel == "chunks" else 0)
     assert r.shared_bytes <= hopper_codegen.SM90_MAX_SHARED
