@@ -419,8 +419,9 @@ def _token_kron_split_kernel(
     KRON_PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
 ):
     """One token a program, ``Y = P1ᵀ X P2`` with one factor's side split into two power-of-two
-    blocks ``CA + CB`` instead of padded (LLaDA-8B's down site, d1 x d2 = 96 x 128: the 96 rows as
-    64 + 32 instead of 128; Dream-7B's, 128 x 148: the 148 columns as 128 + 32 instead of 256).
+    blocks ``CA + CB`` instead of padded (Dream-7B's down site, 128 x 148: the 148 columns as
+    128 + 64 instead of 256; blocks narrower than 64, such as LLaDA-8B's 96 rows as 64 + 32, only
+    in the interpreter: ``MIN_SPLIT_BLOCK``).
     The tile is [RP, CA] + [RP, CB]: the unsplit side along its rows, so that every product has a
     full warpgroup's M. In those terms the transform is ``L · T · Rf``, T the token's matrix with
     the unsplit side first, ``L`` the left factor's transpose, ``Rf`` the right factor:
