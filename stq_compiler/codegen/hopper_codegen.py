@@ -36,6 +36,10 @@ class KernelResources:
     mma: list[str]  # matrix instructions in the SASS
     register_a: bool = False  # a wgmma reads its first operand from registers, not shared memory
     wgmma_serialized: bool = False  # ptxas had to serialize the wgmmas (warning C7515)
+    # SASS instructions in the kernel (static, a thread's view: each runs once per warp; loops
+    # counted once): without loops, the work of one program per warp, which tracked the activation
+    # kernels' time on the H200
+    instructions: int = 0
 
     @property
     def uses_wgmma(self) -> bool:
@@ -43,7 +47,8 @@ class KernelResources:
 
     def row(self) -> str:
         return (f"{self.name:<52} smem={self.shared_bytes:>7} regs={self.registers:>3} "
-                f"spill={self.spill_bytes:>5} async_copies={self.async_copies:>2} mma={','.join(self.mma) or '-'}"
+                f"spill={self.spill_bytes:>5} sass={self.instructions:>5} async_copies={self.async_copies:>2} "
+                f"mma={','.join(self.mma) or '-'}"
                 f"{' A=regs' if self.register_a else ''}{' SERIALIZED' if self.wgmma_serialized else ''}")
 
     def as_dict(self) -> dict:
@@ -120,6 +125,7 @@ def resources(compiled, name: str) -> KernelResources:
         mma=sorted(set(re.findall(r"\b([A-Z]GMMA|[A-Z]MMA)\b", sass))),
         register_a=bool(re.search(r"warp_group_dot [^\n]*?\} : tensor<[^,>]*, #ttg\.dot_op<\{opIdx = 0", compiled.asm["ttgir"])),
         wgmma_serialized="C7515" in info,
+        instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
     )
 
 
