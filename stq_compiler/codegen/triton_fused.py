@@ -976,8 +976,8 @@ def _launch_token_split(x2, q, scale, zero, norm_weight, inv_smooth, p1, p2, sta
     split_j, ca, cb = split
     # the left factor transposed (its side unsplit), the right one as stored (its side split)
     (lf, l_size), (rf, r_size) = ((p1, d1), (p2, d2)) if split_j else ((p2, d2), (p1, d1))
+    parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (lf, True), (rf, False))  # kept per factor as given
     lf, rf = lf.contiguous(), rf.contiguous()  # read as stored without their splits
-    parts = _presplit_parts(TOKEN_KRON_PRESPLIT, (lf, True), (rf, False))
     extra = {} if INTERPRET else {"num_warps": TOKEN_SPLIT_WARPS, "enable_fp_fusion": False}
     maxnreg = token_split_maxnreg(max(16, next_power_of_2(l_size)) * (ca + cb))
     if maxnreg and not INTERPRET:

@@ -151,10 +151,12 @@ def test_fused_quantize_small_models(model, site, m):
     cpu = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
     want = fused_ops.fused_quantize_reference(x.cpu(), 4, **cpu)
     ok, numbers = code_agreement(got, want, reference_values(x.cpu(), **cpu), k, 4)
+    triton_fused.PRESPLIT_LAUNCHES.clear()
     triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])
     same = all(torch.equal(a, b) for a, b in zip(got, triton_fused.fused_quantize_triton(x, 4, **kw)))
-    report("fused_quantize", f"{model} {site} M={m} K={k} kron={kronecker_factors(k)}", ok, presplit_same=same, **numbers)
-    assert ok and same
+    report("fused_quantize", f"{model} {site} M={m} K={k} kron={kronecker_factors(k)}", ok, presplit_same=same,
+           launches=dict(triton_fused.PRESPLIT_LAUNCHES), **numbers)
+    assert ok and same and triton_fused.PRESPLIT_LAUNCHES == {"presplit": 1}
 
 
 BYTES_CASES = [(model, site) for model in MODELS for site in SITES]
@@ -538,7 +540,9 @@ def test_split_kernel_at_dreams_down_site(monkeypatch, m, bits):
     cpu = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
     want = fused_ops.fused_quantize_reference(x.cpu(), bits, **cpu)
     ok, numbers = code_agreement(got, want, reference_values(x.cpu(), **cpu), k, bits)
-    triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])
+    triton_fused.PRESPLIT_LAUNCHES.clear()
+    triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])  # (the test's factors are not contiguous)
     same = all(torch.equal(a, b) for a, b in zip(got, triton_fused.fused_quantize_triton(x, bits, **kw)))
-    report("fused_quantize", f"dream down M={m} K={k} a{bits} split 128+64", ok, presplit_same=same, **numbers)
-    assert ok and same
+    report("fused_quantize", f"dream down M={m} K={k} a{bits} split 128+64", ok, presplit_same=same,
+           launches=dict(triton_fused.PRESPLIT_LAUNCHES), **numbers)
+    assert ok and same and triton_fused.PRESPLIT_LAUNCHES == {"presplit": 1}
