@@ -730,9 +730,9 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # 128 and ~300 bytes of spills under TOKEN_KRON_MAXNREG (4 and 16 warps spilled kilobytes and ran
 # 2-3x slower, before the instruction cuts of 2026-11-29). Where splitting one side into two
 # power-of-two blocks leaves a smaller tile (``token_split``: LLaDA-8B's down site, 96 = 64 + 32
-# rows; Dream-7B's, 148 = 128 + 32 columns), ``_token_kron_split_kernel`` can run instead (off:
-# SPLIT_TOKEN_ROWS). Larger ones (Dream-7B's down site,
-# 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
+# rows; Dream-7B's, 148 = 128 + 32 columns), ``_token_kron_split_kernel`` runs instead (SPLIT_TOKEN_ROWS,
+# blocks of at least 64: Dream-7B's down site only). Larger ones (Dream-7B's down site without
+# the split, 128 x 148 padded to 128 x 256, whose P2 alone would be 256 KB of shared memory) go through
 # ``_chunk_kron_quantize_kernel``: 64 KB of shared memory, 255 registers, 56 bytes of spills at
 # 8 warps (one program a multiprocessor); H200, 1024 tokens: 360 µs against 505 with the
 # Kronecker in PyTorch (259 since the instruction cuts); at LLaDA-8B's 96 x 128 it took 224 µs
@@ -784,14 +784,15 @@ KRON_PRECISION = "bf16x3"
 # (48 bytes of spills) against the padded kernel's 2736 (272); uncapped 2160 at 142 registers
 # against 2352 at 193. The same split with the D1 blocks as the products' M (32-row dots:
 # mma.sync, 2224 bytes of spills) took 4096.
-# Off: on the H200 (Triton 3.6) the kernel computed wrong codes or faulted ("illegal memory
-# access") at both down sites, correct at 48 x 64 and in the interpreter: Triton's known Hopper bug
-# with several tl.dot in one kernel and a dot dimension of 16 or 32 (triton-lang/triton#10486,
-# #11366; helion works around it with dot blocks of 64 and up). So a block is now at least
+# With 64 + 32 or 128 + 32 blocks the kernel computed wrong codes or faulted ("illegal memory
+# access") on the H200 (Triton 3.6), correct at 48 x 64 and in the interpreter: Triton's known Hopper
+# bug with several tl.dot in one kernel and a dot dimension of 16 or 32 (triton-lang/triton#10486,
+# #11366; helion works around it with dot blocks of 64 and up). So a block is at least
 # MIN_SPLIT_BLOCK wide: LLaDA-8B's 96 rows would be 64 + 64, its padding, and get no split;
-# Dream-7B's 148 columns are 128 + 64 instead of padded to 256 (no dot narrower than 64), not yet
-# run on a GPU, so the kernel stays off until it is (the chunk kernel runs Dream-7B's down site).
-SPLIT_TOKEN_ROWS = False
+# Dream-7B's 148 columns run as 128 + 64 instead of padded to 256 (no dot narrower than 64): on the
+# H200 exact at 1, 7, 1024 and 4096 tokens (cuda-checks-fused-h200.txt entry 27), 150 µs at 1024
+# tokens against the chunk kernel's 216 (explore-quantize-sites-h200.json).
+SPLIT_TOKEN_ROWS = True
 MIN_SPLIT_BLOCK = 64
 # the split tile's limit: Dream-7B's down site 128 x (128 + 64). At 8 warps, factors split on the
 # host, sm_90a SASS a token: 2944 instructions at 251 registers and no spills, 112 KB of shared

@@ -338,12 +338,14 @@ else:
             assert_codes_agree(got[True], x, 4, kw, True)
 
     def test_token_row_blocks(monkeypatch):
-        # off by default (SPLIT_TOKEN_ROWS: not yet run on a GPU since the Hopper bug); on, two
-        # power-of-two blocks of at least MIN_SPLIT_BLOCK (64: no dot 16 or 32 wide) where they
-        # are fewer than the padded rows
+        # on by default (SPLIT_TOKEN_ROWS): two power-of-two blocks of at least MIN_SPLIT_BLOCK
+        # (64: no dot 16 or 32 wide, Triton's Hopper bug) where they are fewer than the padded
+        # rows; off, never
+        assert triton_fused.SPLIT_TOKEN_ROWS and triton_fused.MIN_SPLIT_BLOCK == 64
+        monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", False)
         assert triton_fused.token_split(96, 128) is None and triton_fused.token_split(128, 148) is None
+        assert triton_fused.token_row_blocks(148) is None
         monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", True)
-        assert triton_fused.MIN_SPLIT_BLOCK == 64
         assert triton_fused.token_row_blocks(96) is None  # LLaDA-8B's down site: 64 + 64 is its padding
         assert triton_fused.token_row_blocks(148) == (128, 64)  # Dream-7B's down site, columns
         assert triton_fused.token_row_blocks(320) == (256, 64)

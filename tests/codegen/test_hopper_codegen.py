@@ -97,7 +97,8 @@ def test_fused_quantize_kron_on_tensor_cores_without_spills():
                          ids=["row-blocks", "padded", "padded-split-in-kernel"])
 def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split, presplit):
     # LLaDA-8B's MLP down site: 96 x 128 Kronecker, one token a program, its 96 rows as 64 + 32
-    # (_token_kron_split_kernel, off by default: SPLIT_TOKEN_ROWS; every product a warpgroup MMA,
+    # (_token_kron_split_kernel with 32-row blocks, which Triton's Hopper bug keeps from running
+    # there: MIN_SPLIT_BLOCK = 64 leaves LLaDA-8B's rows padded; every product a warpgroup MMA,
     # capped at 128 registers for two programs a multiprocessor, factors split on the host: under
     # 16 bytes of spills) or padded to 128 (_token_kron_quantize_kernel). Padded with the factors
     # split on the host (production): their splits in shared memory leave one program a
@@ -126,7 +127,7 @@ def test_fused_quantize_one_token_a_program_on_tensor_cores(monkeypatch, split, 
 @pytest.mark.parametrize("kernel", ["column-blocks", "chunks-presplit", "chunks"])
 def test_dream_down_site_on_tensor_cores(monkeypatch, kernel):
     # Dream-7B's MLP down site: 128 x 148, its 148 columns as 128 + 64 in one token's tile
-    # (_token_kron_split_kernel, off by default: 251 registers and no spills at 8 warps, one
+    # (_token_kron_split_kernel, production since 2026-11-29: 251 registers and no spills at 8 warps, one
     # program a multiprocessor, every dot at least 64 wide), or, too large for the padded
     # 128 x 256 tile (P2 alone 256 KB), 64 columns of the second factor at a time
     # (_chunk_kron_quantize_kernel; with its factors split on the host: 199 registers, no spills,
