@@ -788,13 +788,16 @@ def _key(r: dict) -> tuple:
 def merge(into: Path, runs: list[Path], note: str) -> dict:
     """Merge the records of the results files ``runs`` (each one run of this script, in order)
     into the results file ``into``: a record of a run replaces the one of the same model, row,
-    mode, shape and kind. A kept record whose float16 Inductor row a run re-measured is marked
-    ``stale`` and keeps the speedup against the float16 row of its own run (``with_speedups``).
+    mode, shape and kind. Speedups are against the float16 Inductor row of the record's own run
+    (``with_speedups`` on each run); a kept record whose float16 row a run re-measured is marked
+    ``stale`` and keeps its speedup.
     ``into``'s ``runs`` list gains one entry (``note`` and the runs' commands); the markdown
     table beside it is rewritten."""
     base = json.loads(into.read_text()) if into.exists() else {"records": [], "skipped": [], "runs": []}
     loaded = [json.loads(Path(run).read_text()) for run in runs]
-    new = [r for run in loaded for r in run["records"]]
+    # a run's speedups come from its own float16 rows only: a row whose run has none (an eager
+    # row in a run without a default-mode float16 row) gets none, never one from another run
+    new = [r for run in loaded for r in with_speedups(run["records"])]
     replaced = {_key(r) for r in new}
     remeasured = {(r["model"], r["batch"], r["tokens"], r["kind"], r["mode"]) for r in new if r["row"] == BASELINE}
     date = loaded[-1]["environment"]["date"]
@@ -807,7 +810,7 @@ def merge(into: Path, runs: list[Path], note: str) -> dict:
             r["stale"] = f"kept from an earlier run; its float16 Inductor row was re-measured on {date}"
             r["note"] = "; ".join(filter(None, [r.get("note"), "earlier run: speedup against its own run's float16 row"]))
         kept.append(r)
-    records = with_speedups(kept + new)
+    records = kept + new
     env = dict(loaded[-1]["environment"], command="merged from several runs: see 'runs'")
     result = {**base, "environment": env, "records": records,
               "runs": [*base.get("runs", []), {"date": date, "note": note,

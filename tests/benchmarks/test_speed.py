@@ -118,7 +118,10 @@ def test_merge_replaces_rows_and_keeps_older_ones_with_their_own_speedup(speed, 
                                                                 rec("fp8-scaled_mm-peer", 5.0),
                                                                 rec("fp16-inductor", 12.0, "default"),
                                                                 rec("starquant-w4a4", 24.0, "default")])}))
-    run.write_text(json.dumps({"environment": env("d1"), "records": [rec("fp16-inductor", 9.0), rec("starquant-w4a4", 6.0)]}))
+    # the run has no default-mode float16 row: its eager row gets no speedup (not one against the
+    # file's default-mode row of another run)
+    run.write_text(json.dumps({"environment": env("d1"), "records": [rec("fp16-inductor", 9.0), rec("starquant-w4a4", 6.0),
+                                                                     rec("fp16-eager", 14.0, "eager")]}))
     speed.main(["--merge", str(run), "--out", str(into), "--note", "second"])
     result = json.loads(into.read_text())
     by = {(r["row"], r["mode"]): r for r in result["records"]}
@@ -128,7 +131,9 @@ def test_merge_replaces_rows_and_keeps_older_ones_with_their_own_speedup(speed, 
     assert peer["stale"] and peer["speedup_vs_fp16_inductor"] == pytest.approx(10.0 / 5.0)
     default = by[("starquant-w4a4", "default")]  # its float16 row was not re-measured: as it was
     assert not default.get("stale") and default["speedup_vs_fp16_inductor"] == pytest.approx(12.0 / 24.0)
-    assert len(result["records"]) == 5
+    eager = by[("fp16-eager", "eager")]
+    assert eager["latency_ms"] == 14.0 and eager["speedup_vs_fp16_inductor"] is None
+    assert len(result["records"]) == 6
     assert [r["note"] for r in result["runs"]] == ["first", "second"]
     assert result["runs"][1]["commands"] == ["python benchmarks/speed.py run-of-d1"]
     md = into.with_suffix(".md").read_text()
