@@ -2,8 +2,8 @@
 with a variant that could replace it.
 
 * ``production``: ``triton_fused.fused_quantize_triton`` as is (TAC as its own kernel first;
-  LLaDA-8B's down site one token a program, Dream-7B's in ``_chunk_kron_quantize_kernel``, its
-  padded tile exceeding ``MAX_TOKEN_KRON_TILE``);
+  LLaDA-8B's down site one token a program, Dream-7B's too in ``_token_kron_split_kernel``, its
+  148 columns as 128 + 64: since 2026-11-29, session 11);
 * ``tf32``: the Kronecker dots in one TF32 pass: how many codes move;
 * ``maxnreg=N`` (``--registers``): registers capped at N a thread (ptxas), so that more programs fit a
   multiprocessor;
@@ -12,10 +12,11 @@ with a variant that could replace it.
   production ran before 2026-11-29 (session 10);
 * LLaDA-8B's down site: ``uncapped``, without the register cap (the split factors' shared memory
   leaves one program a multiprocessor either way);
-* ``_token_kron_split_kernel`` with 64 + 32 or 128 + 32 blocks is not probed: on the H200 it
-  computed wrong codes or faulted, which ends the process (``triton_fused.SPLIT_TOKEN_ROWS``);
-  Dream-7B's down site as 128 + 64 columns (``column blocks 128 + 64``, no dot narrower than 64)
-  runs last, so that a fault loses no other row;
+* Dream-7B's down site: ``chunk kernel``, ``_chunk_kron_quantize_kernel`` (the second factor 64
+  columns at a time), which ran it until session 11 (in that session's run, production was still
+  the chunk kernel and the split kernel's row was called ``column blocks 128 + 64``: 150 against
+  216 µs). ``_token_kron_split_kernel`` with 64 + 32 or 128 + 32 blocks is not probed: on the H200
+  it computed wrong codes or faulted, which ends the process (``triton_fused.MIN_SPLIT_BLOCK``);
 * ``tf32x3``: the Kronecker dots as three TF32 products, production's precision until
   2026-11-29 (production's is now bf16x3, three bfloat16 products of hi + lo splits,
   ``triton_fused._dot_f32``: half the tensor-core work).
@@ -81,12 +82,12 @@ def variants(site, extra=False):
     elif "llada" in site:
         out += [(f"maxnreg={n}", {"TOKEN_KRON_MAXNREG": n}) for n in (128, 112)]
     if not extra:
-        key = {"llada down": "TOKEN_KRON_PRESPLIT", "dream down": "CHUNK_KRON_PRESPLIT"}.get(site, "FUSED_KRON_PRESPLIT")
+        key = {"llada down": "TOKEN_KRON_PRESPLIT", "dream down": "TOKEN_KRON_PRESPLIT"}.get(site, "FUSED_KRON_PRESPLIT")
         out.append(("factors split in the kernel", {key: False}))
     if site == "llada down":
         out.append(("uncapped", {"TOKEN_KRON_MAXNREG": None}))
     if site == "dream down" and not extra:
-        out.append(("column blocks 128 + 64", {"SPLIT_TOKEN_ROWS": True}))
+        out.append(("chunk kernel", {"SPLIT_TOKEN_ROWS": False}))
     return out
 
 

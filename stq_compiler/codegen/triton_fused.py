@@ -11,9 +11,10 @@ kernel. Float work:
   [g, g] float32 dot per block of g channels, float32 out), and this kernel takes its output;
 * Kronecker: ``X P2`` as one dot on the ``[BLOCK_M·D1P, D2P]`` view, then ``P1ᵀ (X P2)`` as a
   dot on the transposed view (``_token_kron_quantize_kernel``: one token a program, two plain 2-D
-  dots; ``_token_kron_split_kernel``, off by default (``SPLIT_TOKEN_ROWS``, a Triton bug on
-  Hopper): the same with one side as two power-of-two blocks, 96 rows as 64 + 32 instead of
-  padded to 128, computed transposed, ``P2ᵀ Xᵀ P1``). Each dot is ``_dot_f32`` with
+  dots; ``_token_kron_split_kernel`` (``SPLIT_TOKEN_ROWS``): the same with one side as two
+  power-of-two blocks of at least ``MIN_SPLIT_BLOCK`` (Dream-7B's down site, 148 columns as
+  128 + 64 instead of padded to 256; narrower blocks hit a Triton bug on Hopper), the columns'
+  case computed transposed, ``P2ᵀ Xᵀ P1``). Each dot is ``_dot_f32`` with
   ``KRON_PRECISION = "bf16x3"``: both float32 operands split into bfloat16 hi + lo, three
   bfloat16 tensor-core products, float32 accumulation, about 1e-5 relative (plain TF32 would
   cost ~1e-3 and move 0.15 % of the codes; tf32x3, 1e-6, was 10-35 % slower; ``"ieee"`` lowers
@@ -32,8 +33,8 @@ three choices (hardware rounding, flat min/max, reciprocal) took LLaDA-8B's q/k/
 to 17 µs and its down site from 164 to 95 (``benchmarks/results/explore-quantize-sites-h200.json``:
 the SASS a token lost 58 % of its instructions; Nsight Compute showed the kernels issue-bound at
 one or two programs a multiprocessor). Factors whose padded tile exceeds
-``MAX_TOKEN_KRON_TILE`` (Dream-7B's MLP down site, 128 x 148) run in
-``_chunk_kron_quantize_kernel``: the second factor ``KRON_CHUNK`` columns at a time, the gated
+``MAX_TOKEN_KRON_TILE`` and that the split kernel does not take (Dream-7B's MLP down site,
+128 x 148, with ``SPLIT_TOKEN_ROWS`` off) run in ``_chunk_kron_quantize_kernel``: the second factor ``KRON_CHUNK`` columns at a time, the gated
 values parked in a float32 scratch row per program until the token's min and max are known; with
 a first factor above ``MAX_CHUNK_KRON_D1`` the float stages run as PyTorch ops before the kernel.
 4-bit codes are packed (``fused_ops`` docstring) by splitting the tile's last axis into even/odd
