@@ -792,7 +792,11 @@ KRON_PRECISION = "bf16x3"
 # MIN_SPLIT_BLOCK wide: LLaDA-8B's 96 rows would be 64 + 64, its padding, and get no split;
 # Dream-7B's 148 columns run as 128 + 64 instead of padded to 256 (no dot narrower than 64): on the
 # H200 exact at 1, 7, 1024 and 4096 tokens (cuda-checks-fused-h200.txt entry 27), 150 µs at 1024
-# tokens against the chunk kernel's 216 (explore-quantize-sites-h200.json).
+# tokens against the chunk kernel's 216 (explore-quantize-sites-h200.json). Factoring LLaDA-8B's
+# 12288 as 64 x 192 instead (128 + 64 columns, no padding, 25 % fewer MACs than the padded
+# 128 x 128) compiles here to 2360 sm_90a instructions a token uncapped (254 registers) or 3160 at
+# 128 (768 bytes of spills), against the padded 96 x 128 kernel's 2064 (hopper_codegen.quantize_variant):
+# no gain to expect, so the factors stay balanced.
 SPLIT_TOKEN_ROWS = True
 MIN_SPLIT_BLOCK = 64
 # the split tile's limit: Dream-7B's down site 128 x (128 + 64). At 8 warps, factors split on the

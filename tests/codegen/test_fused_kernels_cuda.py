@@ -527,8 +527,9 @@ def test_fused_linear_runs_the_gluon_kernel_where_tma_can_read(monkeypatch):
 @pytest.mark.parametrize("m,bits", [(1, 4), (7, 8), (1024, 4), (4096, 4)])
 def test_chunk_kernel_at_dreams_down_site(monkeypatch, m, bits):
     # _chunk_kron_quantize_kernel, which ran Dream-7B's down site until the split kernel did
-    # (SPLIT_TOKEN_ROWS) and still runs tiles the split kernel does not take: against the
-    # reference, and the same bits with the factors split ahead
+    # (SPLIT_TOKEN_ROWS; test_fused_quantize_real_shapes runs that site through the split kernel,
+    # "token-split") and still runs tiles the split kernel does not take: against the reference,
+    # and the same bits with the factors split ahead
     monkeypatch.setattr(triton_fused, "SPLIT_TOKEN_ROWS", False)
     assert triton_fused.token_split(128, 148) is None and triton_fused._kron_chunked(128, 148)
     seed = zlib.crc32(repr(("chunk", m, bits)).encode()) % 100003
@@ -546,27 +547,3 @@ def test_chunk_kernel_at_dreams_down_site(monkeypatch, m, bits):
            launches=dict(triton_fused.PRESPLIT_LAUNCHES), **numbers)
     assert ok and same and triton_fused.PRESPLIT_LAUNCHES == {"presplit": 1}
 
-
-# Last in the file: a fault here (Triton's Hopper bug, see triton_fused.SPLIT_TOKEN_ROWS) poisons
-# the CUDA context for every test after it; run it alone first (-k split_kernel).
-@pytest.mark.parametrize("m,bits", [(1, 4), (7, 8), (1024, 4), (4096, 4)])
-def test_split_kernel_at_dreams_down_site(m, bits):
-    # _token_kron_split_kernel with blocks no narrower than MIN_SPLIT_BLOCK (what runs Dream-7B's
-    # down site: its 148 columns as 128 + 64), against the reference, and the same bits with the
-    # factors split ahead; first passed on the H200 in entry 27 of cuda-checks-fused-h200.txt
-    assert triton_fused.SPLIT_TOKEN_ROWS  # on by default
-    assert triton_fused.token_split(128, 148) == (True, 128, 64)
-    seed = zlib.crc32(repr(("split", m, bits)).encode()) % 100003
-    k, kw = _site_args("dream", "down", m, seed)
-    x = _activation(m, k, seed)
-    got = triton_fused.fused_quantize_triton(x, bits, **kw)
-    torch.cuda.synchronize()
-    cpu = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
-    want = fused_ops.fused_quantize_reference(x.cpu(), bits, **cpu)
-    ok, numbers = code_agreement(got, want, reference_values(x.cpu(), **cpu), k, bits)
-    triton_fused.PRESPLIT_LAUNCHES.clear()
-    triton_fused.prepare_factor_splits(kw["p1"], kw["p2"])  # (the test's factors are not contiguous)
-    same = all(torch.equal(a, b) for a, b in zip(got, triton_fused.fused_quantize_triton(x, bits, **kw)))
-    report("fused_quantize", f"dream down M={m} K={k} a{bits} split 128+64", ok, presplit_same=same,
-           launches=dict(triton_fused.PRESPLIT_LAUNCHES), **numbers)
-    assert ok and same and triton_fused.PRESPLIT_LAUNCHES == {"presplit": 1}
