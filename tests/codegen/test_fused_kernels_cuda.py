@@ -546,4 +546,3 @@ def test_chunk_kernel_at_dreams_down_site(monkeypatch, m, bits):
     report("fused_quantize", f"dream down M={m} K={k} a{bits} chunk-kron", ok, presplit_same=same,
            launches=dict(triton_fused.PRESPLIT_LAUNCHES), **numbers)
     assert ok and same and triton_fused.PRESPLIT_LAUNCHES == {"presplit": 1}
-
