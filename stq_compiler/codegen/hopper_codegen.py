@@ -328,8 +328,9 @@ def tac_variant(k: int, g: int = 16, m: int = 4096) -> KernelResources:
     from stq_compiler.codegen import triton_fused
 
     args = {"z_ptr": "*bf16", "m_ptr": "*fp32", "d_ptr": "*fp32", "out_ptr": "*fp32", "M": m, "stride_zm": k, "stride_om": k}
-    compiled = compile_sm90(triton_fused._tac_affine_kernel, args, {"G": g, "BLOCK_T": 128}, 4, 1)
-    return resources(compiled, f"tac g={g} K={k} tile=128x{g} w4")
+    block_t, warps = triton_fused.TAC_BLOCK_T, triton_fused.TAC_WARPS
+    compiled = compile_sm90(triton_fused._tac_affine_kernel, args, {"G": g, "BLOCK_T": block_t}, warps, 1)
+    return resources(compiled, f"tac g={g} K={k} tile={block_t}x{g} w{warps}")
 
 
 def site_specs():

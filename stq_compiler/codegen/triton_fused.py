@@ -715,12 +715,22 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
         for i in range(per):
             tiles[:, i * g:(i + 1) * g, i * g:(i + 1) * g] = tac_m[i::per]
         tac_m = tiles
-    block_t = 64 if INTERPRET else 128
+    block_t = 64 if INTERPRET else TAC_BLOCK_T
+    extra = {} if INTERPRET else {"num_warps": TAC_WARPS}
     with _device_of(z):
         _tac_affine_kernel[(k // group, cdiv(m, block_t))](
             z, tac_m.contiguous(), tac_d.float().contiguous(), out, m, z.stride(0), out.stride(0), G=group, BLOCK_T=block_t,
+            **extra,
         )
     return out
+
+
+# _tac_affine_kernel's launch: tokens a program and warps. H200 (benchmarks/explore/tac_kernel.py,
+# results/explore-tac-kernel-h200.json), LLaDA-8B's width at 1024 / 4096 tokens: 1 warp 13.3 / 49.3
+# µs against 19.1 / 70.7 at 4 (fastest or within 1 µs of it at every shape; 256 tokens at 2 warps
+# alike; why was not profiled).
+TAC_BLOCK_T = 128
+TAC_WARPS = 1
 
 
 # The Kronecker stage of ``_fused_quantize_kernel`` holds a few tokens' padded [D1P, D2P] matrices
