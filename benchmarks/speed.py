@@ -5,6 +5,8 @@
     PYTHONPATH=. python benchmarks/speed.py --models dream --e2e --resume
     python benchmarks/speed.py --tiny                                # tiny LLaDA and Dream on the CPU (CI)
     python benchmarks/speed.py --merge run1.json run2.json --out benchmarks/results/speed-nvidia-h200.json --note "..."
+    PYTHONPATH=. python benchmarks/speed.py --set stq_compiler.codegen.triton_fused.TAC_WARPS=4 --out a.json  # A/B: a
+                                                                     # kernel setting, then the same without it
 
 Each row is one way to run the model, measured per denoising step (one forward of ``input_ids``
 [B, L], random ids with about half set to the mask token, at each ``--shapes`` BxL) and, with
@@ -90,7 +92,9 @@ until nothing is skipped.
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
+import importlib
 import json
 import math
 import os
@@ -163,7 +167,12 @@ def parse_args(argv=None):
                    help="measure nothing: merge these results files (runs of this script) into --out (see merge())")
     p.add_argument("--note", default="", help="with --merge: what the runs were for (kept in the file's runs list)")
     p.add_argument("--tiny", action="store_true", help="tiny LLaDA and Dream, 1x64, float32 on the CPU: the script end to end (CI)")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE", dest="overrides",
+                   help="a module constant for this run, e.g. stq_compiler.codegen.triton_fused.TAC_WARPS=4: two runs "
+                   "in one lease, with and without, compare a kernel setting (leases differ by up to 0.6 ms); "
+                   "recorded in every row's note (repeatable)")
     args = p.parse_args(argv)
+    args.overrides = [_override(text, p) for text in args.overrides]
     args.cuda = args.device.startswith("cuda")
     if args.merge:
         if args.out is None:
@@ -188,6 +197,30 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = RESULTS / f"speed-{_slug(_device_name(args))}{'-tiny' if args.tiny else ''}.json"
     return args
+
+
+def _override(text: str, parser) -> tuple:
+    """``--set MODULE.NAME=VALUE`` as (module, name, value, text): the module importable, the
+    name one of its attributes, the value a Python literal of the attribute's type (None allowed
+    either way)."""
+    target, sep, literal = text.partition("=")
+    module_name, _, name = target.strip().rpartition(".")
+    if not sep or not module_name or not name:
+        parser.error(f"--set {text!r}: expected MODULE.NAME=VALUE, e.g. stq_compiler.codegen.triton_fused.TAC_WARPS=4")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        parser.error(f"--set {text!r}: cannot import {module_name}: {exc}")
+    if not hasattr(module, name):
+        parser.error(f"--set {text!r}: {module_name} has no {name}")
+    try:
+        value = ast.literal_eval(literal.strip())
+    except (ValueError, SyntaxError):
+        parser.error(f"--set {text!r}: {literal.strip()!r} is not a Python literal (a number, True/False, None, 'text')")
+    current = getattr(module, name)
+    if current is not None and value is not None and type(value) is not type(current):
+        parser.error(f"--set {text!r}: {module_name}.{name} is {type(current).__name__} ({current!r}), not {type(value).__name__}")
+    return module, name, value, f"{module_name}.{name}={value!r}"
 
 
 def _shape(text: str, parser) -> tuple[int, int]:
@@ -868,6 +901,19 @@ def main(argv=None) -> dict:
     if args.merge:
         return merge(args.out, args.merge, args.note)
     env = environment(args, argv)
+    saved = [(module, name, getattr(module, name)) for module, name, _, _ in args.overrides]
+    for module, name, value, _ in args.overrides:
+        setattr(module, name, value)
+    try:
+        return _measure(args, env)
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+def _measure(args, env: dict) -> dict:
+    """Every planned row not yet in ``--out`` (with ``--resume``), written after each."""
+    set_note = "set " + ", ".join(text for *_, text in args.overrides) if args.overrides else ""
     records, skipped, builds = [], [], {}
     if args.resume and args.out.exists():
         records = [r for r in json.loads(args.out.read_text())["records"] if not r.get("error")]
@@ -901,6 +947,8 @@ def main(argv=None) -> dict:
                       "mode": unit.mode, "kind": unit.kind, "batch": unit.batch, "tokens": unit.tokens, "fuse": unit.fuse,
                       "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         longest = max(longest, time.perf_counter() - clock)
+        if set_note:
+            record["note"] = "; ".join(filter(None, [record.get("note"), set_note]))
         records = [r for r in records if (r["model"], r["row"], r["mode"], r["batch"], r["tokens"], r["kind"]) != unit.key]
         records.append(record)
         write(args, env, records, skipped, builds)

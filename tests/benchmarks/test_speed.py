@@ -71,6 +71,39 @@ def test_tiny_end_to_end_row_and_resume(speed, tmp_path):
     assert [r["latency_ms"] for r in _records(out)] == [r["latency_ms"] for r in records]
 
 
+def test_set_overrides_a_constant_for_the_run_only(speed, tmp_path, monkeypatch):
+    # --set MODULE.NAME=VALUE: in force while the rows run, named in every row's note and the
+    # command, and given back afterwards
+    from stq_compiler.codegen import triton_fused
+
+    before = triton_fused.TAC_WARPS
+    seen = []
+    run = speed.Bench.run
+    monkeypatch.setattr(speed.Bench, "run", lambda self, unit: seen.append(triton_fused.TAC_WARPS) or run(self, unit))
+    out = tmp_path / "speed.json"
+    value = before + 3
+    speed.main(["--tiny", "--models", "llada", "--rows", "fp16-eager", "--out", str(out),
+                "--set", f"stq_compiler.codegen.triton_fused.TAC_WARPS={value}"])
+    assert seen == [value] and triton_fused.TAC_WARPS == before
+    result = json.loads(out.read_text())
+    [record] = _records(out)
+    assert f"set stq_compiler.codegen.triton_fused.TAC_WARPS={value}" in record["note"]
+    assert "--set" in result["environment"]["command"]
+
+
+@pytest.mark.parametrize("text,says", [
+    ("stq_compiler.codegen.triton_fused.TAC_WARPS", "MODULE.NAME=VALUE"),
+    ("stq_compiler.codegen.no_such_module.X=1", "cannot import"),
+    ("stq_compiler.codegen.triton_fused.NO_SUCH_NAME=1", "has no NO_SUCH_NAME"),
+    ("stq_compiler.codegen.triton_fused.TAC_WARPS=four", "not a Python literal"),
+    ("stq_compiler.codegen.triton_fused.TAC_WARPS=True", "is int"),
+])
+def test_set_refuses_what_it_cannot_apply(speed, capsys, text, says):
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--tiny", "--set", text])
+    assert says in capsys.readouterr().err
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tiny_every_row_and_mode_on_the_gpu(speed, tmp_path):
