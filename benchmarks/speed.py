@@ -5,8 +5,7 @@
     PYTHONPATH=. python benchmarks/speed.py --models dream --e2e --resume
     python benchmarks/speed.py --tiny                                # tiny LLaDA and Dream on the CPU (CI)
     python benchmarks/speed.py --merge run1.json run2.json --out benchmarks/results/speed-nvidia-h200.json --note "..."
-    PYTHONPATH=. python benchmarks/speed.py --set stq_compiler.codegen.triton_fused.TAC_WARPS=4 --out a.json  # A/B: a
-                                                                     # kernel setting, then the same without it
+    PYTHONPATH=. python benchmarks/speed.py --set stq_compiler.codegen.triton_fused.TAC_WARPS=4  # A/B of a setting
 
 Each row is one way to run the model, measured per denoising step (one forward of ``input_ids``
 [B, L], random ids with about half set to the mask token, at each ``--shapes`` BxL) and, with
