@@ -82,7 +82,7 @@ def variants(site, extra=False):
     elif "llada" in site:
         out += [(f"maxnreg={n}", {"TOKEN_KRON_MAXNREG": n}) for n in (128, 112)]
     if not extra:
-        key = {"llada down": "TOKEN_KRON_PRESPLIT", "dream down": "TOKEN_KRON_PRESPLIT"}.get(site, "FUSED_KRON_PRESPLIT")
+        key = "TOKEN_KRON_PRESPLIT" if site.endswith("down") else "FUSED_KRON_PRESPLIT"  # both down sites: one token a program
         out.append(("factors split in the kernel", {key: False}))
     if site == "llada down":
         out.append(("uncapped", {"TOKEN_KRON_MAXNREG": None}))
