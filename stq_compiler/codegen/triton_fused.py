@@ -728,9 +728,12 @@ def tac_affine_triton(z: torch.Tensor, tac_m: torch.Tensor, tac_d: torch.Tensor)
 # _tac_affine_kernel's launch: tokens a program and warps. H200 (benchmarks/explore/tac_kernel.py,
 # results/explore-tac-kernel-h200.json), LLaDA-8B's width at 1024 / 4096 tokens: 1 warp 13.3 / 49.3
 # µs against 19.1 / 70.7 at 4 (fastest or within 1 µs of it at every shape; 256 tokens at 2 warps
-# alike; why was not profiled).
+# alike; why was not profiled). In the model it was the other way round: one lease, CUDA graphs,
+# LLaDA-8B at 1 x 1024 (speed.py --set ...TAC_WARPS=4, then without): 21.01 ms a step at 4 warps
+# (p20-p80 20.84-21.09) against 21.40 at 1 (21.33-21.49), float16 27.25 / 27.12: one pair of
+# runs, within what leases differ by, so 4 warps stays as the configuration the speed table measured.
 TAC_BLOCK_T = 128
-TAC_WARPS = 1
+TAC_WARPS = 4
 
 
 # The Kronecker stage of ``_fused_quantize_kernel`` holds a few tokens' padded [D1P, D2P] matrices
