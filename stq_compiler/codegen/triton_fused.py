@@ -66,7 +66,6 @@ configuration; ``register_cuda_kernels()`` makes the ops use them on CUDA.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import importlib
 import inspect
@@ -81,8 +80,9 @@ import triton.language as tl
 
 # the plain int8 GEMM's launch order, config builder and large-block interpreter configuration
 from stq_compiler import tac_ops
+from stq_compiler.codegen.dispatch import register_cuda
 from stq_compiler.codegen.triton_rtn import (
-    _INTERPRET_GEMM_CONFIG, _gemm_config, cdiv, grouped_tile, next_power_of_2, row_tiles_fitting,
+    _INTERPRET_GEMM_CONFIG, _device_of, _gemm_config, cdiv, grouped_tile, next_power_of_2, row_tiles_fitting,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -93,10 +93,6 @@ _LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _ops():
     return importlib.import_module("stq_compiler.fused_ops")
-
-
-def _device_of(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1612,13 +1608,14 @@ _registered = False
 
 
 def register_cuda_kernels() -> None:
-    """Make ``stq::fused_quantize`` and ``stq::fused_linear`` run these kernels on CUDA."""
+    """Make ``stq::fused_quantize`` and ``stq::fused_linear`` run these kernels on CUDA
+    (registered with the dispatcher directly: ``dispatch.register_cuda``)."""
     global _registered
     if _registered:
         return
     ops = _ops()
-    ops.fused_quantize.register_kernel("cuda")(_fused_quantize_cuda)
-    ops.fused_linear.register_kernel("cuda")(_fused_linear_cuda)
+    register_cuda(ops.fused_quantize, _fused_quantize_cuda)
+    register_cuda(ops.fused_linear, _fused_linear_cuda)
     _registered = True
 
 

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stq_compiler.codegen.dispatch import register_cuda
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -348,21 +350,25 @@ def _ops():
 
 
 def _device_of(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensor's.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: the context that makes it ``t``'s (none
+    needed, and none entered, when it already is)."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 _registered = False
 
 
 def register_cuda_kernels() -> None:
-    """Make ``stq::quantize_per_token`` and ``stq::quantized_linear`` run these kernels on CUDA."""
+    """Make ``stq::quantize_per_token`` and ``stq::quantized_linear`` run these kernels on CUDA
+    (registered with the dispatcher directly: ``dispatch.register_cuda``)."""
     global _registered
     if _registered:
         return
     ops = _ops()
-    ops.quantize_per_token.register_kernel("cuda")(_quantize_per_token_cuda)
-    ops.quantized_linear.register_kernel("cuda")(_quantized_linear_cuda)
+    register_cuda(ops.quantize_per_token, _quantize_per_token_cuda)
+    register_cuda(ops.quantized_linear, _quantized_linear_cuda)
     _registered = True
 
 
