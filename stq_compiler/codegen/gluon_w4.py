@@ -279,6 +279,14 @@ if gluon is not None:
             gl.store(y_ptr + rows * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@functools.lru_cache(maxsize=None)
+def _layouts(load_rows: int, block_m: int):
+    """The shared-memory layouts of a weight tile and an activation tile (made once a shape:
+    ``get_default_for`` cost ~10 µs a call on the host)."""
+    return (gl.NVMMASharedLayout.get_default_for([load_rows, BLOCK_K // 2], gl.uint8),
+            gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.int8))
+
+
 def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k: int, config=None,
                     blocked: bool = False, swiglu: bool = False) -> None:
     """``y[m, n] = epilogue(Σ_k a[m, k] · w[n, k])`` into ``y`` ([M, N], row stride any);
@@ -291,8 +299,7 @@ def w4_linear_gluon(a, wq, x_scale, x_zero, w_scale, w_sum, bias, residual, y, k
     n = rows // 2 if swiglu else rows
     block_n, block_m, stages, warps = config or config_for(m, rows, a.device.index)
     load_rows = block_n // 2 if swiglu else block_n  # a SwiGLU tile: gate rows above up rows, two loads
-    w_layout = gl.NVMMASharedLayout.get_default_for([load_rows, BLOCK_K // 2], gl.uint8)
-    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.int8)
+    w_layout, a_layout = _layouts(load_rows, block_m)
     w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [load_rows, BLOCK_K // 2], w_layout)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, BLOCK_K], a_layout)
     grid = (cdiv(m, block_m) * cdiv(n, load_rows),)
