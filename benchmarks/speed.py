@@ -6,6 +6,7 @@
     python benchmarks/speed.py --tiny                                # tiny LLaDA and Dream on the CPU (CI)
     python benchmarks/speed.py --merge run1.json run2.json --out benchmarks/results/speed-nvidia-h200.json --note "..."
     PYTHONPATH=. python benchmarks/speed.py --set stq_compiler.codegen.triton_fused.TAC_WARPS=4  # A/B of a setting
+                                                 # (--merge refuses its run unless --merge-overrides)
 
 Each row is one way to run the model, measured per denoising step (one forward of ``input_ids``
 [B, L], random ids with about half set to the mask token, at each ``--shapes`` BxL) and, with
@@ -165,6 +166,8 @@ def parse_args(argv=None):
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN_JSON",
                    help="measure nothing: merge these results files (runs of this script) into --out (see merge())")
     p.add_argument("--note", default="", help="with --merge: what the runs were for (kept in the file's runs list)")
+    p.add_argument("--merge-overrides", action="store_true",
+                   help="with --merge: also merge runs made with --set (their rows replace the rows of the same key)")
     p.add_argument("--tiny", action="store_true", help="tiny LLaDA and Dream, 1x64, float32 on the CPU: the script end to end (CI)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE", dest="overrides",
                    help="a module constant for this run, e.g. stq_compiler.codegen.triton_fused.TAC_WARPS=4: two runs "
@@ -817,16 +820,30 @@ def _key(r: dict) -> tuple:
     return r["model"], r["row"], r["mode"], r["batch"], r["tokens"], r["kind"]
 
 
-def merge(into: Path, runs: list[Path], note: str) -> dict:
+def run_overrides(run: dict) -> list[str]:
+    """The ``--set`` overrides a run was made with (from its records, or for runs written before
+    records named them, from its command)."""
+    named = sorted({text for r in run["records"] for text in r.get("overrides", [])})
+    command = run.get("environment", {}).get("command", "")
+    return named or re.findall(r"--set[= ](\S+)", command)
+
+
+def merge(into: Path, runs: list[Path], note: str, overrides: bool = False) -> dict:
     """Merge the records of the results files ``runs`` (each one run of this script, in order)
     into the results file ``into``: a record of a run replaces the one of the same model, row,
-    mode, shape and kind. Speedups are against the float16 Inductor row of the record's own run
+    mode, shape and kind. A run made with ``--set`` (a setting under trial) is refused unless
+    ``overrides``: its rows would replace the production rows of their keys. Speedups are against the float16 Inductor row of the record's own run
     (``with_speedups`` on each run); a kept record whose float16 row a run re-measured is marked
     ``stale`` and keeps its speedup.
     ``into``'s ``runs`` list gains one entry (``note`` and the runs' commands); the markdown
     table beside it is rewritten."""
     base = json.loads(into.read_text()) if into.exists() else {"records": [], "skipped": [], "runs": []}
     loaded = [json.loads(Path(run).read_text()) for run in runs]
+    for path, run in zip(runs, loaded):
+        made_with = run_overrides(run)
+        if made_with and not overrides:
+            raise SystemExit(f"speed.py --merge: {path} was run with --set {' --set '.join(made_with)}; its rows would "
+                             "replace the production rows of their keys. Merge it with --merge-overrides if that is meant.")
     # a run's speedups come from its own float16 rows only: a row whose run has none (an eager
     # row in a run without a default-mode float16 row) gets none, never one from another run
     new = [r for run in loaded for r in with_speedups(run["records"])]
@@ -898,7 +915,7 @@ def _line(r: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
-        return merge(args.out, args.merge, args.note)
+        return merge(args.out, args.merge, args.note, args.merge_overrides)
     env = environment(args, argv)
     saved = [(module, name, getattr(module, name)) for module, name, _, _ in args.overrides]
     for module, name, value, _ in args.overrides:
@@ -948,6 +965,7 @@ def _measure(args, env: dict) -> dict:
         longest = max(longest, time.perf_counter() - clock)
         if set_note:
             record["note"] = "; ".join(filter(None, [record.get("note"), set_note]))
+            record["overrides"] = [text for *_, text in args.overrides]
         records = [r for r in records if (r["model"], r["row"], r["mode"], r["batch"], r["tokens"], r["kind"]) != unit.key]
         records.append(record)
         write(args, env, records, skipped, builds)

@@ -88,7 +88,24 @@ def test_set_overrides_a_constant_for_the_run_only(speed, tmp_path, monkeypatch)
     result = json.loads(out.read_text())
     [record] = _records(out)
     assert f"set stq_compiler.codegen.triton_fused.TAC_WARPS={value}" in record["note"]
+    assert record["overrides"] == [f"stq_compiler.codegen.triton_fused.TAC_WARPS={value}"]
     assert "--set" in result["environment"]["command"]
+    # merging that run into a results file would replace production rows: refused unless asked for
+    into = tmp_path / "speed-gpu.json"
+    with pytest.raises(SystemExit, match="was run with --set stq_compiler.codegen.triton_fused.TAC_WARPS"):
+        speed.main(["--merge", str(out), "--out", str(into)])
+    assert not into.exists()
+    speed.main(["--merge", str(out), "--out", str(into), "--merge-overrides"])
+    assert [r["overrides"] for r in json.loads(into.read_text())["records"]] == [record["overrides"]]
+
+
+def test_merge_refuses_an_older_run_made_with_set(speed, tmp_path):
+    # runs written before records named their overrides: the command tells
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"environment": {"date": "d", "command": "python benchmarks/speed.py --set a.B=1 --out x"},
+                               "records": []}))
+    with pytest.raises(SystemExit, match="--set a.B=1"):
+        speed.main(["--merge", str(run), "--out", str(tmp_path / "into.json")])
 
 
 @pytest.mark.parametrize("text,says", [
