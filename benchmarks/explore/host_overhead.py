@@ -23,7 +23,7 @@ directly, ``codegen/dispatch.py``).
 
     PYTHONPATH=. python benchmarks/explore/host_overhead.py --out $OUT/host-overhead.json
     PYTHONPATH=. python benchmarks/explore/host_overhead.py --parts --op-calls 500 --out $OUT/host-parts.json
-    python benchmarks/explore/host_overhead.py --tiny --shape 1x64 --out /tmp/h.json   # CPU: the flow only
+    python benchmarks/explore/host_overhead.py --tiny --shape 1x64 --out h.json   # CPU: the flow only
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
     recipe, _ = bench.recipe(4, False)
     x = bench.inputs(batch, tokens)
     result = {"device": torch.cuda.get_device_name() if sargs.cuda else "cpu", "torch": torch.__version__, "model": args.model,
-              "shape": args.shape, "rows": {}}
+              "shape": args.shape}
 
     fn = torch.compile(bench.model, backend=StarQuant(mode="default", recipe=recipe), dynamic=False)
     capture = Capture()
