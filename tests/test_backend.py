@@ -69,6 +69,22 @@ def test_w4a4_compiles_and_stays_correlated():
     assert 3.0 < sqnr_db(ref, out) < 25.0
 
 
+def test_quantized_model_gives_the_same_logits_under_every_grad_mode():
+    # a quantized graph runs without autograd whatever the caller's mode: with grad enabled (its
+    # parameters require grad, the stq ops have no gradient), under no_grad and under inference_mode
+    model = tiny_model("llada")
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    ids[:, 8:] = model.config.mask_token_id
+    fn = torch.compile(model, backend=StarQuant(w_bits=8, a_bits=8, inductor=False))
+    assert any(p.requires_grad for p in model.parameters())
+    out = logits_of(fn(ids))
+    assert not out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(fn(ids)), out, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits_of(fn(ids)), out, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "options,error,match",
     [
