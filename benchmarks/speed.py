@@ -832,9 +832,9 @@ def merge(into: Path, runs: list[Path], note: str, overrides: bool = False) -> d
     """Merge the records of the results files ``runs`` (each one run of this script, in order)
     into the results file ``into``: a record of a run replaces the one of the same model, row,
     mode, shape and kind. A run made with ``--set`` (a setting under trial) is refused unless
-    ``overrides``: its rows would replace the production rows of their keys. Speedups are against the float16 Inductor row of the record's own run
-    (``with_speedups`` on each run); a kept record whose float16 row a run re-measured is marked
-    ``stale`` and keeps its speedup.
+    ``overrides``: its rows would replace the production rows of their keys. Speedups are against
+    the float16 Inductor row of the record's own run (``with_speedups`` on each run); a kept
+    record whose float16 row a run re-measured is marked ``stale`` and keeps its speedup.
     ``into``'s ``runs`` list gains one entry (``note`` and the runs' commands); the markdown
     table beside it is rewritten."""
     base = json.loads(into.read_text()) if into.exists() else {"records": [], "skipped": [], "runs": []}

@@ -78,9 +78,9 @@ import torch
 import triton
 import triton.language as tl
 
-# the plain int8 GEMM's launch order, config builder and large-block interpreter configuration
 from stq_compiler import tac_ops
 from stq_compiler.codegen.dispatch import register_cuda
+# the plain int8 GEMM's launch order, config builder and large-block interpreter configuration
 from stq_compiler.codegen.triton_rtn import (
     _INTERPRET_GEMM_CONFIG, _device_of, _gemm_config, cdiv, grouped_tile, next_power_of_2, row_tiles_fitting,
 )
