@@ -2,6 +2,8 @@
 
     python benchmarks/accuracy.py                      # the full benchmark (a GPU is much faster)
     python benchmarks/accuracy.py --tiny               # a small slice end to end (CI runs this)
+    python benchmarks/accuracy.py --merge a.json b.json --out results/accuracy.json
+                                                       # runs of one protocol, other methods, into one table
 
 For each method × setting it calibrates the bundled ``stq-tiny-llada`` on the calibration split
 (``stq_compiler.calibrate``), compiles it with the ``starquant`` backend, and measures on each
@@ -15,7 +17,9 @@ corpus's held-out split:
 Writes ``results/accuracy.json`` (one record per method × setting × corpus × metric, plus the run's
 settings and the float model's unigram baseline), ``results/accuracy.md`` (the tables) and
 ``results/accuracy-hidden-error.png``. Records are written after every method, so an interrupted
-run keeps what it measured.
+run keeps what it measured. ``--merge`` joins runs of the same protocol that measured different
+methods (a run cut short, the rest run after it) into one results file, its table and its plot; it
+refuses runs whose protocol or float reference differ, or that both measured a method.
 """
 
 from __future__ import annotations
@@ -85,7 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     p.add_argument("--save-recipes", type=Path, default=None, help="write each calibrated recipe here")
     p.add_argument("--tiny", action="store_true", help="a small slice end to end: rtn and starquant at W4A4, few windows and prompts, 1 epoch")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN_JSON",
+                   help="join these runs' records into --out (with its table and plot) instead of measuring")
     args = p.parse_args(argv)
+    if args.merge:
+        return args
     if args.tiny:
         args.methods, args.settings, args.ratios = "float16,rtn,starquant", "W4A4", "0.5"
         args.windows, args.prompts, args.gen_length, args.steps, args.block_length = 4, 2, 8, 4, 8
@@ -198,6 +206,54 @@ def gap_closed(records: list[dict], corpus: str, setting: str = "W4A4", metric: 
     return {m: (values["rtn"] - v) / gap for m, v in values.items() if m != "rtn"}
 
 
+# what must agree for runs to share a table: everything but which methods and settings ran
+PROTOCOL = ("model", "device", "dtype", "torch", "unigram_ppl")
+NOT_PROTOCOL = ("methods", "settings", "tiny")
+
+
+def merge(runs: list[Path], out: Path) -> dict:
+    """Join results files of one protocol that measured different methods × settings into ``out``
+    (json, table, plot). Refused when a protocol field differs, when the float reference records
+    differ (the same model, data and device give the same float numbers), or when two runs
+    measured the same method × setting (which one would count is not for a merge to decide)."""
+    loaded = [json.loads(Path(run).read_text()) for run in runs]
+    first, where = loaded[0], {}
+    floats = {(r["corpus"], r["metric"]): r["value"] for r in first["records"] if r["setting"] == "W16A16"}
+    records = [r for r in first["records"] if r["setting"] == "W16A16"]
+    for path, run in zip(runs, loaded):
+        for key in PROTOCOL:
+            if run.get(key) != first.get(key):
+                raise SystemExit(f"accuracy.py --merge: {path} differs from {runs[0]} in {key} "
+                                 f"({run.get(key)!r} against {first.get(key)!r})")
+        for key in sorted(set(first["settings"]) | set(run["settings"])):
+            if key not in NOT_PROTOCOL and run["settings"].get(key) != first["settings"].get(key):
+                raise SystemExit(f"accuracy.py --merge: {path} differs from {runs[0]} in settings.{key} "
+                                 f"({run['settings'].get(key)!r} against {first['settings'].get(key)!r})")
+        for r in run["records"]:
+            if r["setting"] == "W16A16":
+                if floats.get((r["corpus"], r["metric"])) != r["value"]:
+                    raise SystemExit(f"accuracy.py --merge: the float reference of {path} differs from {runs[0]}'s "
+                                     f"at {r['corpus']} {r['metric']}: not the same protocol and device")
+                continue
+            done = where.setdefault((r["method"], r["setting"]), path)
+            if done != path:
+                raise SystemExit(f"accuracy.py --merge: {r['method']} {r['setting']} was measured by both {done} and {path}")
+            records.append(r)
+    measured = list(dict.fromkeys(m for m, _ in where))
+    settings = list(dict.fromkeys(s for _, s in where))
+    header = {k: v for k, v in first.items() if k != "records"}
+    header["settings"] = {**first["settings"], "methods": [first["records"][0]["method"], *measured], "settings": settings}
+    header["date"] = max(run["date"] for run in loaded)
+    header["merged_from"] = [{"file": Path(path).name, "date": run["date"],
+                              "measured": sorted({f"{m} {s}" for (m, s), p in where.items() if p == path})}
+                             for path, run in zip(runs, loaded)]
+    header["gap_closed_ppl@0.5_W4A4"] = {c: gap_closed(records, c) for c in first["settings"]["corpora"]}
+    write(out, header, records)
+    out.with_suffix(".md").write_text(markdown(header, records) + "\n")
+    plot(records, out.with_name(out.stem + "-hidden-error.png"))
+    return header
+
+
 def plot(records: list[dict], path: Path, setting: str = "W4A4") -> None:
     import matplotlib
 
@@ -225,6 +281,9 @@ def plot(records: list[dict], path: Path, setting: str = "W4A4") -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load(args.model, dtype=args.dtype, device=args.device)
