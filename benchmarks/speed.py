@@ -38,8 +38,10 @@ Compiles use ``dynamic=False``: each shape is its own compile (``compile_s``: th
 
 Timing: per call CUDA events (``time.perf_counter`` on the CPU), after the compile call and three
 warm-up calls, as many calls as fit in about ``--seconds`` (5 to 50), median (``latency_ms``;
-``latency_ms_p20``/``_p80`` beside it). Under CUDA graphs each call starts a new step
-(``torch.compiler.cudagraph_mark_step_begin``).
+``latency_ms_p20``/``_p80`` beside it). A step row also records ``host_issue_ms``, the median
+host time until the call returned (on a GPU, close to the latency: the step is host-bound), and
+``gc_collections``, the garbage collector's runs per generation during the timed calls. Under
+CUDA graphs each call starts a new step (``torch.compiler.cudagraph_mark_step_begin``).
 
 Memory. The quantized rows are measured as the quantized model alone. The backend folds and
 quantizes the weights at compile time into buffers of each graph module it compiles
@@ -474,27 +476,38 @@ def _logits(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def time_calls(fn: Callable[[], object], args, seconds: float) -> list[float]:
-    """Milliseconds of each call of ``fn``: as many as fit in about ``seconds`` (5 to 50)."""
+def time_calls(fn: Callable[[], object], args, seconds: float, host: Optional[dict] = None) -> list[float]:
+    """Milliseconds of each call of ``fn``: as many as fit in about ``seconds`` (5 to 50).
+    ``host`` (if given) receives ``host_issue_ms``, the median host time until the call returned
+    (on a GPU the work may still be running: a call is host-bound where this is close to its
+    latency; on the CPU it is the latency), and ``gc_collections``, the garbage collector's runs
+    of each generation during the timed calls."""
     _sync(args)
     clock = time.perf_counter()
     fn()
     _sync(args)
     estimate = time.perf_counter() - clock
     n = max(5, min(50, int(seconds / max(estimate, 1e-6))))
-    times = []
+    times, issued = [], []
+    collections = [g["collections"] for g in gc.get_stats()]
     for _ in range(n):
         if args.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            clock = time.perf_counter()
             start.record()
             fn()
             end.record()
+            issued.append((time.perf_counter() - clock) * 1e3)
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             clock = time.perf_counter()
             fn()
             times.append((time.perf_counter() - clock) * 1e3)
+            issued.append(times[-1])
+    if host is not None:
+        host["host_issue_ms"] = statistics.median(issued)
+        host["gc_collections"] = [g["collections"] - c for g, c in zip(gc.get_stats(), collections)]
     return times
 
 
@@ -666,7 +679,7 @@ class Bench:
                     torch.cuda.reset_peak_memory_stats(args.device)
                 caller(x)  # warm-up (CUDA graphs record here)
                 if unit.kind == "step":
-                    times = time_calls(lambda: caller(x), args, args.seconds)
+                    times = time_calls(lambda: caller(x), args, args.seconds, host=record)
                     record["latency_ms"] = statistics.median(times)
                     record["tokens_per_s"] = unit.batch * unit.tokens / (record["latency_ms"] / 1e3)
                 else:

@@ -49,6 +49,10 @@ def test_tiny_run_measures_each_row_of_each_model(speed, tmp_path, monkeypatch):
         assert fp["speedup_vs_fp16_inductor"] == 1.0 and sq["speedup_vs_fp16_inductor"] > 0
         assert (fp["batch"], fp["tokens"], sq["fuse"]) == (1, 64, True)
         assert sq["compile_s"] > 0 and sq["float_weights_released_bytes"] > 0
+        # on the CPU a call returns when its work is done: the host time is the latency
+        for r in (fp, sq):
+            assert r["host_issue_ms"] == r["latency_ms"]
+            assert len(r["gc_collections"]) == 3 and all(isinstance(c, int) and c >= 0 for c in r["gc_collections"])
         # the quantized model holds fewer bytes than the float one, and its float block weights are gone
         assert sq["weight_bytes"] < fp["weight_bytes"] - sq["float_weights_released_bytes"] / 2
         assert (tmp_path / "recipes" / sq["recipe_file"]).exists()
