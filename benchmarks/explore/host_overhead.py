@@ -12,6 +12,11 @@ reports:
 * ``parts`` (``--parts``, no model): LLaDA-8B's q/k/v site at 1024 tokens and its q/k/v GEMM,
   host microseconds a call of each layer: the op through the dispatcher, the launcher
   (``triton_fused.*_triton``), the launcher with Triton's launch stubbed out, three ``torch.empty``;
+* ``conditions`` (``--conditions``): the step's host and wall time again under what
+  ``benchmarks/speed.py`` does around its timed calls, one thing at a time and then together:
+  ``set_stance("fail_on_recompile")``, the float weights given back (as the benchmark does),
+  CUDA-event timing, and all three (session 13: at 4 x 1024 the benchmark's default-mode row took
+  113.9 ms where this probe's step took 82.3 in the same lease);
 * ``ops``: per call, host microseconds of each ``stq`` custom op at one site of the graph (the
   first of each kind the step launches, captured with its arguments), called ``--op-calls`` times
   without synchronising: through the dispatcher (``torch.ops.stq.*``), and straight into the
@@ -23,6 +28,7 @@ directly, ``codegen/dispatch.py``).
 
     PYTHONPATH=. python benchmarks/explore/host_overhead.py --out $OUT/host-overhead.json
     PYTHONPATH=. python benchmarks/explore/host_overhead.py --parts --op-calls 500 --out $OUT/host-parts.json
+    PYTHONPATH=. python benchmarks/explore/host_overhead.py --shape 4x1024 --conditions --out $OUT/host-conditions.json
     python benchmarks/explore/host_overhead.py --tiny --shape 1x64 --out h.json   # CPU: the flow only
 """
 
@@ -64,6 +70,47 @@ def host_and_wall(fn, steps: int) -> dict:
         issue.append((issued - clock) * 1e3)
         wall.append((done - clock) * 1e3)
     return {"issue_ms": statistics.median(issue), "wall_ms": statistics.median(wall), "steps": steps}
+
+
+def event_timed(fn, steps: int) -> dict:
+    """The step as ``speed.time_calls`` times it: CUDA events around the call, median ms."""
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"event_ms": statistics.median(times), "steps": steps}
+
+
+def conditions(fn, bench, steps: int) -> list[dict]:
+    """The step's times under each of speed.py's conditions, then all of them."""
+    from stq_compiler import release
+
+    stance = lambda: torch.compiler.set_stance("fail_on_recompile")  # noqa: E731
+    rows = []
+
+    def row(what, measure):
+        rows.append({"condition": what, **measure()})
+        print(f"{what:40s} {rows[-1]}", flush=True)
+
+    row("plain", lambda: host_and_wall(fn, steps))
+    with stance():
+        row("set_stance('fail_on_recompile')", lambda: host_and_wall(fn, steps))
+    if torch.cuda.is_available():
+        row("CUDA-event timing", lambda: event_timed(fn, steps))
+    bench.released.release([t for _, t in release.releasable(bench.model)])
+    try:
+        row("float weights given back", lambda: host_and_wall(fn, steps))
+        with stance():
+            row("all: given back, stance, host and wall", lambda: host_and_wall(fn, steps))
+            if torch.cuda.is_available():
+                row("all: given back, stance, CUDA events", lambda: event_timed(fn, steps))
+    finally:
+        bench.released.restore()
+    return rows
 
 
 def profile_rows(fn, steps: int, top: int) -> dict:
@@ -183,6 +230,7 @@ def main(argv=None) -> dict:
     p.add_argument("--recipe-dir", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: the script's flow only")
     p.add_argument("--parts", action="store_true", help="only the per-layer costs at one site (no model)")
+    p.add_argument("--conditions", action="store_true", help="also the step under speed.py's timing conditions")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.parts:
@@ -216,6 +264,8 @@ def main(argv=None) -> dict:
         step = lambda: fn(x)  # noqa: E731
         result["step"] = host_and_wall(step, args.steps)
         print("step:", result["step"], flush=True)
+        if args.conditions:
+            result["conditions"] = conditions(step, bench, args.steps)
         result["profile"] = profile_rows(step, args.profile_steps, args.top)
         for row in result["profile"]["tottime"][:25]:
             print(f"{row['tottime_ms_per_step']:8.2f} ms {row['calls_per_step']:7.0f}x  {row['function']}")
