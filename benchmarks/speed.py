@@ -23,9 +23,10 @@ block_length 32, batch 1):
   blocks, not the head or the embedding; then Inductor. ``peer_impl`` says which was used;
 * ``fp8-scaled_mm-peer``: the same replacement with per-token e4m3 activations, per-channel e4m3
   weights and ``torch._scaled_mm`` (row-wise scales, float16 out where this torch allows it);
-* ``starquant-w8a8``, ``starquant-w4a4``: the ``starquant`` backend with a STaR-Quant recipe
-  (SGAT Kronecker transforms and state gates, TAC) and ``fuse`` (``--fuse on|off|both``; off rows
-  end in ``-unfused``); ``starquant-w4a4-qhead``: also ``quantize_head=True``;
+* ``starquant-w8a8``, ``starquant-w4a4``, ``starquant-w4a8``: the ``starquant`` backend with a
+  STaR-Quant recipe (SGAT Kronecker transforms and state gates, TAC) and ``fuse`` (``--fuse
+  on|off|both``; off rows end in ``-unfused``; W4A8 runs W4A4's kernels with 8-bit activation
+  codes, ``tests/passes/test_fuse.py``); ``starquant-w4a4-qhead``: also ``quantize_head=True``;
   ``starquant-w4a4-qhead-qembed``: also ``quantize_embedding=True`` (int8 embedding rows). The
   embedding stays float16 in every other row.
 
@@ -129,6 +130,7 @@ ROWS = {
     "starquant-w4a4": ("starquant", 4, 4),
     "w8a8-int_mm-peer": ("int8 dynamic activations, torch._int_mm", 8, 8),
     "starquant-w8a8": ("starquant", 8, 8),
+    "starquant-w4a8": ("starquant", 4, 8),
     "fp8-scaled_mm-peer": ("fp8 e4m3 row-wise, torch._scaled_mm", 8, 8),
     "starquant-w4a4-qhead": ("starquant", 4, 4),
     "starquant-w4a4-qhead-qembed": ("starquant", 4, 4),
@@ -187,7 +189,8 @@ def parse_args(argv=None):
     args.models = args.models or (list(MODELS) if args.tiny else ["llada"])
     args.shapes = [_shape(s, p) for s in (args.shapes or (["1x64"] if args.tiny else ["1x1024"]))]
     args.rows = args.rows or (
-        ["fp16-eager", "fp16-inductor", *CUDA_ONLY, "starquant-w4a4", "starquant-w4a4-qhead-qembed"] if args.tiny and not args.cuda else list(ROWS)
+        ["fp16-eager", "fp16-inductor", *CUDA_ONLY, "starquant-w4a4", "starquant-w4a8", "starquant-w4a4-qhead-qembed"]
+        if args.tiny and not args.cuda else list(ROWS)
     )
     args.modes = args.modes or ["default"]
     if args.tiny:
@@ -262,12 +265,12 @@ def build_model(name: str, args) -> nn.Module:
             torch.set_default_dtype(torch.float32)
 
 
-def starquant_recipe(model: nn.Module, name: str, bits: int, quantize_head: bool, args) -> tuple[Recipe, dict]:
+def starquant_recipe(model: nn.Module, name: str, w_bits: int, a_bits: int, quantize_head: bool, args) -> tuple[Recipe, dict]:
     """A STaR-Quant recipe for ``model`` (see the module docstring), from ``--recipe-dir`` when one
     made the same way is there. Returns the recipe and how it was obtained."""
     fingerprint = fingerprint_from_model(model)["sha256"][:12]
     settings = f"e{args.recipe_epochs}-n{args.recipe_samples}-l{args.recipe_seq_len}-s{args.seed}-v{RECIPE_FORMAT}"
-    path = args.recipe_dir / f"{name}-{fingerprint}-w{bits}a{bits}{'-qhead' if quantize_head else ''}-{settings}.stq"
+    path = args.recipe_dir / f"{name}-{fingerprint}-w{w_bits}a{a_bits}{'-qhead' if quantize_head else ''}-{settings}.stq"
     how = {"recipe_file": path.name, "recipe": f"calibrate(method='starquant', epochs={args.recipe_epochs}) on "
            f"{args.recipe_samples} random sequences of {args.recipe_seq_len} tokens, TAC fitted"}
     if path.exists():
@@ -282,7 +285,7 @@ def starquant_recipe(model: nn.Module, name: str, bits: int, quantize_head: bool
     ids = torch.randint(0, mask_id, (args.recipe_samples, args.recipe_seq_len), generator=gen)
     clock = time.perf_counter()
     recipe = calibrate(
-        model, ids, "starquant", bits, bits, quantize_head=quantize_head, epochs=args.recipe_epochs,
+        model, ids, "starquant", w_bits, a_bits, quantize_head=quantize_head, epochs=args.recipe_epochs,
         batch_size=args.recipe_samples, tac_samples=args.recipe_samples, trajectory_prompts=0,
         seed=args.seed, device=args.device, progress=False,
         sgat_select=False,  # every site keeps its gates: the kernels timed are the full method's
@@ -564,11 +567,11 @@ class Bench:
         self.released = ReleasedWeights()
         self.recipes: dict[tuple, tuple[Recipe, dict]] = {}
 
-    def recipe(self, bits: int, quantize_head: bool) -> tuple[Recipe, dict]:
-        key = (bits, quantize_head)
+    def recipe(self, w_bits: int, a_bits: int, quantize_head: bool) -> tuple[Recipe, dict]:
+        key = (w_bits, a_bits, quantize_head)
         if key not in self.recipes:
             self.released.restore()
-            self.recipes[key] = starquant_recipe(self.model, self.name, bits, quantize_head, self.args)
+            self.recipes[key] = starquant_recipe(self.model, self.name, w_bits, a_bits, quantize_head, self.args)
         return self.recipes[key]
 
     def inputs(self, batch: int, length: int) -> torch.Tensor:
@@ -592,7 +595,7 @@ class Bench:
         }
         recipe = None
         if unit.base.startswith("starquant"):  # before the row's memory counters start
-            recipe, how = self.recipe(w_bits, "-qhead" in unit.base)
+            recipe, how = self.recipe(w_bits, a_bits, "-qhead" in unit.base)
             record.update(how)
         self.released.restore()
         _reset_compiler()

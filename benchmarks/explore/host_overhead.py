@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
                              + (["--tiny"] if args.tiny else []))
     batch, tokens = sargs.shapes[0]
     bench = speed.Bench(args.model, sargs)
-    recipe, _ = bench.recipe(4, False)
+    recipe, _ = bench.recipe(4, 4, False)
     x = bench.inputs(batch, tokens)
     result = {"device": torch.cuda.get_device_name() if sargs.cuda else "cpu", "torch": torch.__version__, "model": args.model,
               "shape": args.shape}

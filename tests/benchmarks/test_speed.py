@@ -43,7 +43,7 @@ def test_tiny_run_measures_each_row_of_each_model(speed, tmp_path, monkeypatch):
     rows = {(r["model"], r["row"], r["mode"]): r for r in records}
     assert set(rows) == {(m, row, mode) for m in ("llada", "dream")
                          for row, mode in (("fp16-eager", "eager"), ("fp16-inductor", "default"), ("starquant-w4a4", "default"),
-                                           ("starquant-w4a4-qhead-qembed", "default"))}
+                                           ("starquant-w4a8", "default"), ("starquant-w4a4-qhead-qembed", "default"))}
     for model in ("llada", "dream"):
         fp, sq = rows[(model, "fp16-inductor", "default")], rows[(model, "starquant-w4a4", "default")]
         assert fp["speedup_vs_fp16_inductor"] == 1.0 and sq["speedup_vs_fp16_inductor"] > 0
@@ -56,6 +56,9 @@ def test_tiny_run_measures_each_row_of_each_model(speed, tmp_path, monkeypatch):
         # the quantized model holds fewer bytes than the float one, and its float block weights are gone
         assert sq["weight_bytes"] < fp["weight_bytes"] - sq["float_weights_released_bytes"] / 2
         assert (tmp_path / "recipes" / sq["recipe_file"]).exists()
+        # W4A8: the same 4-bit weights as W4A4, only the activation codes have 8 bits
+        w4a8 = rows[(model, "starquant-w4a8", "default")]
+        assert (w4a8["bits"], w4a8["weight_bytes"]) == ("W4A8", sq["weight_bytes"]) and w4a8["recipe_file"] != sq["recipe_file"]
         # head and embedding quantized: fewer bytes held, more float ones given back
         q = rows[(model, "starquant-w4a4-qhead-qembed", "default")]
         assert q["weight_bytes"] < sq["weight_bytes"] and q["float_weights_released_bytes"] > sq["float_weights_released_bytes"]

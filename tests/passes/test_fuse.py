@@ -117,6 +117,41 @@ def test_weights_are_packed_and_int8_codes_dropped():
     assert all(n.meta["stq_linear"]["epilogue"] == "swiglu" for n in gate_up)
 
 
+def test_w4a8_runs_what_w4a4_runs_with_8_bit_activation_codes():
+    # Hopper has no 4-bit MMA: 4-bit activation codes are held one a byte (pack=False) and the W4
+    # GEMM reads int8 codes either way, so W4A8 launches the same ops on the same buffers as W4A4;
+    # only the activation quantizer's bits differ (the README's speed section relies on this).
+    graphs = {}
+    for a_bits in (4, 8):
+        gm, inputs, _ = quantized_graph("llada", 4, a_bits, transformed=True)
+        graphs[a_bits] = (fuse_quantized_sites(gm)[0], inputs)
+    (g4, _), (g8, _) = graphs[4], graphs[8]
+    assert targets(g4) == targets(g8)
+    b4, b8 = dict(g4.named_buffers()), dict(g8.named_buffers())
+    assert b4.keys() == b8.keys() and all(torch.equal(b4[k], b8[k]) for k in b4)
+    q4 = [n for n in g4.graph.nodes if n.op == "call_function" and n.target is FUSED_QUANTIZE]
+    q8 = [n for n in g8.graph.nodes if n.op == "call_function" and n.target is FUSED_QUANTIZE]
+    assert len(q4) == len(q8) == 4 * LAYERS
+    for n4, n8 in zip(q4, q8):
+        assert (n4.args[1], n8.args[1]) == (4, 8)
+        assert n4.kwargs.keys() == n8.kwargs.keys() and n4.kwargs["pack"] is n8.kwargs["pack"] is False
+    # the codes the GEMMs read: int8 one a byte in both, 4-bit ones within [-8, 7]
+    codes = {}
+    for a_bits, (gm, inputs) in graphs.items():
+        for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is FUSED_QUANTIZE]:
+            with gm.graph.inserting_after(node):
+                q = gm.graph.call_function(operator.getitem, (node, 0))
+                gm.graph.output_node().args = (tuple(gm.graph.output_node().args[0]) + (q,),)
+        gm.recompile()
+        with torch.no_grad():
+            out = gm(*inputs)
+        codes[a_bits] = out[-4 * LAYERS:]
+    assert all(c.dtype == torch.int8 for c in codes[4] + codes[8])
+    assert [c.shape for c in codes[4]] == [c.shape for c in codes[8]]
+    assert all(-8 <= int(c.min()) and int(c.max()) <= 7 for c in codes[4])
+    assert any(int(c.abs().max()) > 8 for c in codes[8])
+
+
 @pytest.mark.parametrize("bits", [(4, 4), (8, 8)], ids=["w4a4", "w8a8"])
 def test_fused_graph_as_accurate_on_bfloat16_models(bits):
     # bfloat16: the fused ops skip the roundings between stages, so codes near a tie flip and the
