@@ -54,8 +54,9 @@ a 32-bit register at once, see there) and given to ``tl.dot`` as the first opera
 Hopper's wgmma reads from registers; the activation tile goes to shared memory untouched. With
 the blocked weight the fusion pass emits (``BLOCKED``: ``fused_ops.pack_int4_blocks``) the two
 nibble planes are the two K halves of a 128-code step, each dotted with its half of the
-activation tile; with the pair layout (``pack_int4``) they are joined back into K order first. With the weight second (``_fused_linear_kernel``) the unpacked tile has to be
-stored to shared memory for wgmma, and that round trip halved the speed (H200: 780-815 TOP/s
+activation tile; with the pair layout (``pack_int4``) they are joined back into K order first.
+With the weight second (``_fused_linear_kernel``) the unpacked tile has to be stored to shared
+memory for wgmma, and that round trip halved the speed (H200: 780-815 TOP/s
 here against 360-380 there, ``benchmarks/explore/w4_gemm_swapped.py``). The same epilogue, on the
 transposed tile. On Hopper, where TMA can read the operands, ``_launch_w4`` runs its Gluon twin
 instead (``gluon_w4.py``: the same bits, the MMA kept in flight while the next tile unpacks,
