@@ -37,8 +37,9 @@ backend=StarQuant(mode=..., **options))`` (the same backend as ``backend="starqu
 ``"default"`` included: left out, the backend picks CUDA graphs for a model on a GPU. ``cudagraph_skips`` records whether Inductor declined CUDA graphs.
 Compiles use ``dynamic=False``: each shape is its own compile (``compile_s``: the first call).
 
-Timing: per call CUDA events (``time.perf_counter`` on the CPU), after the compile call and three
-warm-up calls, as many calls as fit in about ``--seconds`` (5 to 50), median (``latency_ms``;
+Timing: per call CUDA events (``time.perf_counter`` on the CPU), after the compile call and two
+warm-up calls (three for the starquant rows: one more checks the logits once the float weights
+are given back), as many calls as fit in about ``--seconds`` (5 to 50), median (``latency_ms``;
 ``latency_ms_p20``/``_p80`` beside it). A step row also records ``host_issue_ms``, the median
 host time until the call returned (on a GPU, close to the latency: the step is host-bound), and
 ``gc_collections``, the garbage collector's runs per generation during the timed calls. Under
