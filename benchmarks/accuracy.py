@@ -221,9 +221,14 @@ def merge(runs: list[Path], out: Path) -> dict:
     measured the same method × setting (which one would count is not for a merge to decide)."""
     loaded = [json.loads(Path(run).read_text()) for run in runs]
     first, where = loaded[0], {}
-    floats = {(r["corpus"], r["metric"]): r["value"] for r in first["records"] if r["setting"] == "W16A16"}
     records = [r for r in first["records"] if r["setting"] == "W16A16"]
+    floats = {(r["corpus"], r["metric"]): r["value"] for r in records}
+    if not floats:
+        raise SystemExit(f"accuracy.py --merge: {runs[0]} has no float reference records")
     for path, run in zip(runs, loaded):
+        if {(r["corpus"], r["metric"]): r["value"] for r in run["records"] if r["setting"] == "W16A16"} != floats:
+            raise SystemExit(f"accuracy.py --merge: the float reference of {path} differs from {runs[0]}'s "
+                             "(or is missing): not the same protocol and device")
         for key in PROTOCOL:
             if run.get(key) != first.get(key):
                 raise SystemExit(f"accuracy.py --merge: {path} differs from {runs[0]} in {key} "
@@ -234,9 +239,6 @@ def merge(runs: list[Path], out: Path) -> dict:
                                  f"({run['settings'].get(key)!r} against {first['settings'].get(key)!r})")
         for r in run["records"]:
             if r["setting"] == "W16A16":
-                if floats.get((r["corpus"], r["metric"])) != r["value"]:
-                    raise SystemExit(f"accuracy.py --merge: the float reference of {path} differs from {runs[0]}'s "
-                                     f"at {r['corpus']} {r['metric']}: not the same protocol and device")
                 continue
             done = where.setdefault((r["method"], r["setting"]), path)
             if done != path:
@@ -245,7 +247,7 @@ def merge(runs: list[Path], out: Path) -> dict:
     measured = list(dict.fromkeys(m for m, _ in where))
     settings = list(dict.fromkeys(s for _, s in where))
     header = {k: v for k, v in first.items() if k != "records"}
-    header["settings"] = {**first["settings"], "methods": [first["records"][0]["method"], *measured], "settings": settings}
+    header["settings"] = {**first["settings"], "methods": [records[0]["method"], *measured], "settings": settings}
     header["date"] = max(run["date"] for run in loaded)
     header["merged_from"] = [{"file": Path(path).name, "date": run["date"],
                               "measured": sorted({f"{m} {s}" for (m, s), p in where.items() if p == path})}

@@ -43,7 +43,8 @@ def _run(tmp_path, name, methods, *, float_ppl=28.6, windows=256):
                 "windows": windows, "steps": 2, "seed": 0, "tiny": False}
     header = {"model": "m", "device": "gpu", "dtype": "float16", "torch": "2.x", "settings": settings,
               "unigram_ppl": {"kjv": 400.0}, "date": "2026-11-29"}
-    records = [{"method": "float16", "setting": "W16A16", "corpus": "kjv", "metric": "ppl@0.5", "value": float_ppl}]
+    records = [] if float_ppl is None else [
+        {"method": "float16", "setting": "W16A16", "corpus": "kjv", "metric": "ppl@0.5", "value": float_ppl}]
     for method, ppl in methods.items():
         records += [{"method": method, "setting": "W4A4", "corpus": "kjv", "metric": "ppl@0.5", "value": ppl},
                     {"method": method, "setting": "W4A4", "corpus": "kjv", "metric": "hidden_error_curve", "value": [0.1, ppl / 100]}]
@@ -75,6 +76,7 @@ def test_merge_joins_runs_of_one_protocol_into_one_table(accuracy, tmp_path):
     (dict(methods={"rtn": 45.0}), "rtn W4A4 was measured by both"),
     (dict(methods={"quarot": 33.5}, float_ppl=28.7), "float reference"),
     (dict(methods={"quarot": 33.5}, windows=64), "settings.windows"),
+    (dict(methods={"quarot": 33.5}, float_ppl=None), "float reference .* missing"),
 ])
 def test_merge_refuses_runs_that_do_not_belong_in_one_table(accuracy, tmp_path, change, message):
     a = _run(tmp_path, "a", {"rtn": 46.0})
