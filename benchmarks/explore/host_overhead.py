@@ -15,7 +15,7 @@ reports:
 * ``conditions`` (``--conditions``): the step's host and wall time again under what
   ``benchmarks/speed.py`` does around its timed calls, one thing at a time and then together:
   ``set_stance("fail_on_recompile")``, the float weights given back (as the benchmark does),
-  CUDA-event timing, and all three (session 13: at 4 x 1024 the benchmark's default-mode row took
+  the benchmark's own timing (``speed.time_calls``: CUDA events), and all three (session 13: at 4 x 1024 the benchmark's default-mode row took
   113.9 ms where this probe's step took 82.3 in the same lease);
 * ``ops``: per call, host microseconds of each ``stq`` custom op at one site of the graph (the
   first of each kind the step launches, captured with its arguments), called ``--op-calls`` times
@@ -72,21 +72,9 @@ def host_and_wall(fn, steps: int) -> dict:
     return {"issue_ms": statistics.median(issue), "wall_ms": statistics.median(wall), "steps": steps}
 
 
-def event_timed(fn, steps: int) -> dict:
-    """The step as ``speed.time_calls`` times it: CUDA events around the call, median ms."""
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"event_ms": statistics.median(times), "steps": steps}
-
-
-def conditions(fn, bench, steps: int) -> list[dict]:
-    """The step's times under each of speed.py's conditions, then all of them."""
+def conditions(fn, bench, sargs, steps: int) -> list[dict]:
+    """The step's times under each of speed.py's conditions, then all of them; its timing is
+    ``speed.time_calls`` itself (CUDA events on a GPU, with ``host_issue_ms``)."""
     from stq_compiler import release
 
     stance = lambda: torch.compiler.set_stance("fail_on_recompile")  # noqa: E731
@@ -96,18 +84,21 @@ def conditions(fn, bench, steps: int) -> list[dict]:
         rows.append({"condition": what, **measure()})
         print(f"{what:40s} {rows[-1]}", flush=True)
 
+    def as_speed_times():
+        host = {}
+        times = speed.time_calls(fn, sargs, sargs.seconds, host=host)
+        return {"speed_ms": statistics.median(times), "calls": len(times), **host}
+
     row("plain", lambda: host_and_wall(fn, steps))
     with stance():
         row("set_stance('fail_on_recompile')", lambda: host_and_wall(fn, steps))
-    if torch.cuda.is_available():
-        row("CUDA-event timing", lambda: event_timed(fn, steps))
+    row("speed.time_calls", as_speed_times)
     bench.released.release([t for _, t in release.releasable(bench.model)])
     try:
         row("float weights given back", lambda: host_and_wall(fn, steps))
         with stance():
             row("all: given back, stance, host and wall", lambda: host_and_wall(fn, steps))
-            if torch.cuda.is_available():
-                row("all: given back, stance, CUDA events", lambda: event_timed(fn, steps))
+            row("all: given back, stance, speed.time_calls", as_speed_times)
     finally:
         bench.released.restore()
     return rows
@@ -265,7 +256,7 @@ def main(argv=None) -> dict:
         result["step"] = host_and_wall(step, args.steps)
         print("step:", result["step"], flush=True)
         if args.conditions:
-            result["conditions"] = conditions(step, bench, args.steps)
+            result["conditions"] = conditions(step, bench, sargs, args.steps)
         result["profile"] = profile_rows(step, args.profile_steps, args.top)
         for row in result["profile"]["tottime"][:25]:
             print(f"{row['tottime_ms_per_step']:8.2f} ms {row['calls_per_step']:7.0f}x  {row['function']}")
